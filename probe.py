@@ -1,0 +1,131 @@
+"""The probe: InnerControl's "alignment module" (arXiv 2507.02321, sec. 3.2).
+
+A small, timestep-conditioned convolutional network that reads the UNet decoder's own features
+(the self-attention outputs of the decoder's transformer blocks, taken from the same forward pass
+that predicts the noise) and predicts the control signal (depth, edges, line art) from them. Its
+architecture follows Readout Guidance's aggregation network (arXiv 2312.07536): one bottleneck
+block per feature map with the UNet's time embedding added, softmax-normalised mixing weights, and
+a small convolutional head with a tanh output.
+
+Because the features already encode the layout at high noise, the probe gives a usable control
+signal over almost the whole trajectory (t up to 920), where ControlNet++'s one-step x0 estimate is
+too blurry for a reward model to read (InnerControl sec. 3.1).
+"""
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class ProbeConfig:
+    feature_channels: tuple = (1280, 1280, 1280, 640, 640, 640, 320, 320, 320)  # SD1.5 output blocks 3-11
+    time_dim: int = 1280        # the UNet's time embedding width
+    bottleneck_dim: int = 96
+    proj_dim: int = 384         # Readout Guidance's projection dim
+    out_channels: int = 3
+    norm_groups: int = 32
+
+    @classmethod
+    def for_unet(cls, unet_cfg, out_channels=3):
+        """The probe that reads a given UNet: one input per decoder transformer, in forward order."""
+        channels = []
+        for level in reversed(range(len(unet_cfg.channel_mult))):
+            if level in unet_cfg.attention_levels:
+                width = unet_cfg.model_channels * unet_cfg.channel_mult[level]
+                channels += [width] * (unet_cfg.num_res_blocks + 1)
+        return cls(feature_channels=tuple(channels), time_dim=unet_cfg.time_embed_dim,
+                   out_channels=out_channels, norm_groups=min(32, unet_cfg.norm_groups))
+
+
+def _norm(groups, channels):
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 down -> (+ time) -> 3x3 -> 1x1 up, with a projected shortcut: a ResNet bottleneck that
+    also sees the timestep, so one probe can read features at every noise level."""
+
+    def __init__(self, c_in, c_mid, c_out, time_dim, groups):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_mid, 1, bias=False)
+        self.norm1 = _norm(groups, c_mid)
+        self.time_proj = nn.Linear(time_dim, c_mid)
+        self.conv2 = nn.Conv2d(c_mid, c_mid, 3, padding=1, bias=False)
+        self.norm2 = _norm(groups, c_mid)
+        self.conv3 = nn.Conv2d(c_mid, c_out, 1, bias=False)
+        self.norm3 = _norm(groups, c_out)
+        self.shortcut = None
+        if c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _norm(groups, c_out))
+
+    def forward(self, x, time_emb):
+        h = F.relu(self.norm1(self.conv1(x)))
+        h = h + F.relu(self.time_proj(time_emb))[:, :, None, None]
+        h = F.relu(self.norm2(self.conv2(h)))
+        h = self.norm3(self.conv3(h))
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(h + skip)
+
+
+class Probe(nn.Module):
+    def __init__(self, cfg: ProbeConfig):
+        super().__init__()
+        self.cfg = cfg
+        # A plain ModuleList called explicitly with (x, time_emb): the timestep must reach every
+        # block (a container that forwards only x silently drops it, a pitfall noted upstream).
+        self.blocks = nn.ModuleList(
+            BottleneckBlock(c, cfg.bottleneck_dim, cfg.proj_dim, cfg.time_dim, cfg.norm_groups)
+            for c in cfg.feature_channels)
+        self.mixing_logits = nn.Parameter(torch.ones(len(cfg.feature_channels)))
+        self.head = nn.Sequential(
+            nn.Conv2d(cfg.proj_dim, 128, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(128, 32, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(32, cfg.out_channels, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, features):
+        """features: unet.DecoderFeatures (time_emb (B, D), maps [(B, C_i, h_i, w_i)]).
+        Returns (B, out_channels, h, w) in [-1, 1] at the largest map's (= latent) resolution."""
+        if len(features.maps) != len(self.blocks):
+            raise ValueError(f"probe expects {len(self.blocks)} feature maps, got {len(features.maps)}")
+        size = max((m.shape[-2:] for m in features.maps), key=lambda s: s[0] * s[1])
+        weights = self.mixing_logits.softmax(0)
+        out = 0
+        for i, (block, fmap) in enumerate(zip(self.blocks, features.maps)):
+            if fmap.shape[-2:] != size:
+                fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
+            out = out + weights[i] * block(fmap, features.time_emb)
+        return torch.tanh(self.head(out))
+
+
+def probe_output01(probe_out, size=None):
+    """The probe's tanh output mapped to [0, 1], optionally resized (bilinear) to the label's size."""
+    y = (probe_out + 1) / 2
+    if size is not None and y.shape[-2:] != tuple(size):
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+    return y
+
+
+def save_probe(probe, path):
+    sd = {k: v.detach().contiguous().cpu() for k, v in probe.state_dict().items()}
+    save_file(sd, path, metadata={"probe_config": json.dumps(asdict(probe.cfg))})
+
+
+def load_probe(path, device="cpu", dtype=torch.float32):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if "probe_config" not in meta:
+        raise ValueError(f"{path}: not a probe file (no probe_config in its metadata); "
+                         "train one with `python train.py --stage probe`")
+    cfg = json.loads(meta["probe_config"])
+    cfg["feature_channels"] = tuple(cfg["feature_channels"])
+    probe = Probe(ProbeConfig(**cfg))
+    probe.load_state_dict(load_file(path))
+    return probe.to(device=device, dtype=dtype)

@@ -1,0 +1,254 @@
+"""train.py: the loss math, the probe's wiring, gradients, resume, bad data, NaN handling, DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import model
+import reward
+import train
+from probe import Probe, ProbeConfig, save_probe
+from tests.util import randomize_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DPT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64,
+                patch_size=8, backbone_out_indices=[0, 1, 0, 1], neck_hidden_sizes=[8, 16, 32, 32],
+                fusion_hidden_size=16)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random SD1.x, probe and DPT on disk, and 16 rendered 64 px scenes."""
+    root = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    sd = model.StableDiffusion(model.tiny(), model.Tokenizer.from_bpe_gz())
+    randomize_(sd.vae, 1)
+    model.save_sd(sd, str(root / "sd.safetensors"))
+    probe = Probe(ProbeConfig.for_unet(sd.unet.config))
+    save_probe(probe, str(root / "probe.safetensors"))
+    dpt = reward.DPT(reward.DPTConfig.from_dict(TINY_DPT))
+    os.makedirs(root / "dpt")
+    with open(root / "dpt" / "config.json", "w") as f:
+        json.dump(TINY_DPT, f)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in dpt.state_dict().items()}, str(root / "dpt" / "model.safetensors"))
+    data.write_shapes_dataset(root / "data", 16, seed=0, size=64)
+    return root
+
+
+def base_argv(world, out, *extra):
+    return ["--weights", str(world / "sd.safetensors"), "--probe", str(world / "probe.safetensors"),
+            "--reward-model", str(world / "dpt"), "--data", str(world / "data"), "--out", str(out),
+            "--resolution", "64", "--batch-size", "4", "--num-workers", "0", "--log-every", "1",
+            "--sample-every", "0", "--device", "cpu", "--lr", "1e-3", *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def make_models(world, *extra):
+    args = train.parse_args(base_argv(world, "unused", *extra))
+    return args, train.build_models(args)
+
+
+def fake_batch(n=4, res=64):
+    g = torch.Generator().manual_seed(3)
+    return {"image": torch.rand(n, 3, res, res, generator=g) * 2 - 1,
+            "control": torch.rand(n, 3, res, res, generator=g), "text": ["a red sphere"] * n}
+
+
+# -- loss math -------------------------------------------------------------------------------------
+
+def test_masked_mean_hand_values():
+    # eligible rows hold 2.0 and 4.0 of a batch whose other micro-step had one more eligible sample
+    assert train.masked_mean(torch.tensor([2.0, 4.0]), 3.0).item() == pytest.approx(2.0)
+    assert train.masked_mean(torch.tensor([]), 0.0).item() == 0.0  # no eligible sample adds 0
+
+
+def test_eligible_counts_follow_the_windows():
+    args = train.parse_args(["--control", "depth"])
+    assert (args.t_reward, args.lambda_reward, args.t_align_max) == (400, 0.5, 920)
+    t = torch.tensor([0, 100, 400, 401, 920, 921, 999])
+    assert train.eligible_counts(args, t) == {"all": 7.0, "reward": 3.0, "align": 5.0}
+    hed = train.parse_args(["--control", "hed"])
+    assert (hed.t_reward, hed.lambda_reward) == (200, 1.0)
+
+
+def test_x0_estimate_inverts_add_noise():
+    s = model.NoiseSchedule()
+    x0 = torch.randn(5, 4, 8, 8, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0, 1, 400, 920, 999])
+    x_t = s.add_noise(x0, eps, t)
+    torch.testing.assert_close(s.x0_from_eps(x_t, eps, t), x0, rtol=0, atol=1e-9)
+
+
+def test_reward_path_decodes_only_eligible_rows(world):
+    args, models = make_models(world, "--method", "controlnet++")
+    rows_decoded = []
+    decode = models.sd.vae.decode_latents
+    models.sd.vae.decode_latents = lambda z: (rows_decoded.append(z.shape[0]), decode(z))[1]
+    t = torch.tensor([100, 600, 900, 350])  # two rows with t <= 400
+    counts = train.eligible_counts(args, t)
+    n = torch.randn(4, 4, 8, 8)
+    losses = train.training_step(models, fake_batch(), t, n, torch.zeros_like(n), args, counts)
+    assert rows_decoded == [2]
+    assert losses["reward"].item() > 0
+    rows_decoded.clear()
+    t = torch.tensor([500, 600, 900, 950])  # none eligible: nothing decoded, the loss adds 0
+    losses = train.training_step(models, fake_batch(), t, n, torch.zeros_like(n), args,
+                                 train.eligible_counts(args, t))
+    assert rows_decoded == [] and losses["reward"].item() == 0.0
+
+
+# -- the probe -------------------------------------------------------------------------------------
+
+def test_timestep_reaches_every_bottleneck():
+    torch.manual_seed(0)
+    cfg = ProbeConfig(feature_channels=(64, 64, 32), time_dim=128, out_channels=3, norm_groups=8)
+    probe = Probe(cfg)
+    for block, c in zip(probe.blocks, cfg.feature_channels):
+        x = torch.randn(2, c, 8, 8)
+        e1, e2 = torch.randn(2, 128), torch.randn(2, 128)
+        assert (block(x, e1) - block(x, e2)).abs().max() > 1e-4
+    from unet import DecoderFeatures
+    maps = [torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4), torch.randn(2, 32, 8, 8)]
+    y1 = probe(DecoderFeatures(torch.randn(2, 128), maps))
+    y2 = probe(DecoderFeatures(torch.randn(2, 128), maps))
+    assert y1.shape == (2, 3, 8, 8) and (y1 - y2).abs().max() > 1e-4
+    assert y1.abs().max() <= 1
+
+
+def test_alignment_gradients_reach_only_the_controlnet(world):
+    args, models = make_models(world, "--method", "innercontrol")
+    randomize_(models.controlnet, 5)  # non-zero zero-convs, or no gradient reaches the residual path
+    t = torch.tensor([500, 600, 700, 900])  # inside the alignment window, outside the reward window
+    n = torch.randn(4, 4, 8, 8)
+    losses = train.training_step(models, fake_batch(), t, n, torch.zeros_like(n), args,
+                                 train.eligible_counts(args, t))
+    assert losses["reward"].item() == 0.0 and losses["align"].item() > 0
+    losses["align"].backward()
+    grads = [p.grad for p in models.controlnet.parameters()]
+    assert sum(g.abs().sum().item() for g in grads if g is not None) > 0
+    for frozen in (models.sd.unet, models.sd.vae, models.sd.text_encoder, models.probe, models.reward_model):
+        assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
+
+
+# -- the loop: resume, checkpoints, bad data, NaN ------------------------------------------------------
+
+def run_main(argv):
+    train.main(argv)
+
+
+def test_resume_matches_uninterrupted_run(world, tmp_path):
+    argv = base_argv(world, tmp_path / "a", "--method", "innercontrol", "--max-steps", "4")
+    run_main(argv)
+    run_main(base_argv(world, tmp_path / "b", "--method", "innercontrol", "--max-steps", "2", "--save-every", "2"))
+    run_main(base_argv(world, tmp_path / "b", "--method", "innercontrol", "--max-steps", "4", "--resume"))
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for k in ("loss_diffusion", "loss_reward", "loss_align"):
+            assert abs(ra[k] - rb[k]) <= 1e-6, (k, ra, rb)
+    assert os.path.exists(tmp_path / "a" / "controlnet.safetensors")
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def dying_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert train.load_checkpoint(path, "cpu")["step"] == 1
+
+
+def test_bad_data_is_skipped_and_counted(world, tmp_path):
+    import shutil
+    ds = tmp_path / "ds"
+    shutil.copytree(world / "data", ds)
+    rows = [json.loads(line) for line in open(ds / "metadata.jsonl")]
+    os.remove(ds / rows[0]["file_name"])  # missing image
+    with open(ds / rows[1]["conditioning_file_name"], "wb") as f:
+        f.write(b"not a png")  # corrupt control
+    argv = base_argv(world, tmp_path / "out", "--method", "controlnet", "--max-steps", "4")
+    argv[argv.index("--data") + 1] = str(ds)
+    run_main(argv)
+    log = read_log(tmp_path / "out")
+    assert len(log) == 4 and log[-1]["skipped_data"] >= 2
+
+
+def test_nonfinite_steps_are_skipped_then_stop(world, tmp_path):
+    args, models = make_models(world, "--method", "controlnet", "--max-steps", "30", "--save-every", "5",
+                               "--log-every", "5")
+    args.out = str(tmp_path / "nan")
+    # one finite run to write a good checkpoint, then poison the ControlNet
+    args.max_steps = 5
+    train.train(args, models, data.ControlDataset(world / "data", 64))
+    good = train.load_checkpoint(os.path.join(args.out, "checkpoint.pt"), "cpu")
+    with torch.no_grad():
+        next(models.controlnet.parameters()).fill_(float("nan"))
+    poisoned = {k: v.clone() for k, v in models.controlnet.state_dict().items()}
+    args.max_steps, args.resume = 30, False
+    with pytest.raises(RuntimeError, match="non-finite"):
+        train.train(args, models, data.ControlDataset(world / "data", 64))
+    log = read_log(args.out)
+    assert log[-1]["skipped_steps"] >= 10
+    # the skipped steps changed nothing, and the last good checkpoint is intact
+    for k, v in models.controlnet.state_dict().items():
+        torch.testing.assert_close(v, poisoned[k], equal_nan=True)
+    assert train.load_checkpoint(os.path.join(args.out, "checkpoint.pt"), "cpu")["step"] == good["step"]
+
+
+def test_optimizer_step_skips_nonfinite_without_sync():
+    args = train.parse_args(["--stage", "finetune"])
+    net = torch.nn.Linear(3, 3)
+    opt, sched = train.make_optimizer(args, net)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net(torch.randn(2, 3)).sum().backward()
+    _, streak = train.optimizer_step(args, net, opt, sched, scaler, None, torch.tensor(float("nan")),
+                                     torch.zeros(()))
+    assert streak.item() == 1
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    net(torch.randn(2, 3)).sum().backward()
+    _, streak = train.optimizer_step(args, net, opt, sched, scaler, None, torch.tensor(1.0), streak)
+    assert streak.item() == 0 and not torch.equal(net.weight, before["weight"])
+
+
+def test_probe_stage_writes_a_probe(world, tmp_path):
+    run_main(base_argv(world, tmp_path / "p", "--stage", "probe", "--max-steps", "2"))
+    from probe import load_probe
+    assert load_probe(str(tmp_path / "p" / "probe.safetensors")).cfg.out_channels == 3
+    assert "loss_probe" in read_log(tmp_path / "p")[0]
+
+
+def test_ddp_two_processes_match_one(world, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU) with batch 2 each == one process with batch 4."""
+    one = base_argv(world, tmp_path / "one", "--method", "innercontrol", "--max-steps", "2")
+    two = base_argv(world, tmp_path / "two", "--method", "innercontrol", "--max-steps", "2")
+    two[two.index("--batch-size") + 1] = "2"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "train.py", *one], cwd=ROOT, env=env, check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29517", "train.py", *two], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for k in ("loss_diffusion", "loss_reward", "loss_align"):
+            assert abs(ra[k] - rb[k]) <= 1e-5, (k, ra[k], rb[k])

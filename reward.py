@@ -424,11 +424,12 @@ class DPT(nn.Module):
     std 0.5, i.e. [-1, 1]), any size. Output: relative inverse depth (B, 1, h, w), >= 0; h, w equal the input's at
     multiples of 32 (the fusion pyramid is driven by the coarsest map, so other sizes come out near, not equal)."""
 
-    input_size = 384  # both Intel models were trained (and are run by ControlNet++) at 384x384
-
     def __init__(self, cfg: DPTConfig):
         super().__init__()
         self.config = cfg
+        # the resolution the reward path resizes to: 384 for both Intel models (their config's
+        # image_size, the size they were trained at and that ControlNet++ runs them at)
+        self.input_size = cfg.image_size
         self.dpt = ViT(cfg)
         self.neck = Neck(cfg)
         f = cfg.fusion_hidden_size

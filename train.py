@@ -258,6 +258,9 @@ def optimizer_step(args, module, opt, sched, scaler, ema, loss_total, bad_streak
     return grad_norm.detach(), (bad_streak + 1) * bad
 
 
+FLOPS_SEEN = {}  # FLOPs of one optimizer step, per setting, counted once per process
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint."""
     tmp = path + ".tmp"
@@ -375,7 +378,10 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
                 t, noise, latent_noise = t[:n], noise[:n], latent_noise[:n]
                 sync = nullcontext() if (a == A - 1 or W == 1) else model.no_sync()
                 counter = None
+                flop_key = (args.method, args.stage, B, args.resolution, sum(p.numel() for p in module.parameters()))
+                flops_per_step = flops_per_step or FLOPS_SEEN.get(flop_key)
                 if flops_per_step is None and not args.compile:
+                    # count the model FLOPs of the first micro-step once (it runs slower while counted)
                     from torch.utils.flop_counter import FlopCounterMode
                     counter = FlopCounterMode(display=False)
                 with sync, (counter or nullcontext()):
@@ -385,7 +391,7 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
                     # the whole optimizer batch, so scale by W to get the global batch's gradient.
                     scaler.scale(loss * W).backward()
                 if counter is not None:
-                    flops_per_step = counter.get_total_flops() * A * W
+                    flops_per_step = FLOPS_SEEN[flop_key] = counter.get_total_flops() * A * W
                 total = total + loss.detach()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach()
@@ -424,8 +430,10 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
                         f"good checkpoint is {ckpt_path}")
                 sums, steps_since_log, t_log = {}, 0, time.perf_counter()
 
-            if rank == 0 and (step % args.save_every == 0 or step == args.max_steps):
-                save_checkpoint(ckpt_path, checkpoint_state(module, ema, opt, sched, scaler, step, skipped_data))
+            if (step % args.save_every == 0 or step == args.max_steps) and bad_streak.item() == 0:
+                # (never during a streak of skipped steps: the last good checkpoint stays the last one)
+                if rank == 0:
+                    save_checkpoint(ckpt_path, checkpoint_state(module, ema, opt, sched, scaler, step, skipped_data))
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 write_sample_grid(args, models, dataset, step, ema)
     except KeyboardInterrupt:

@@ -1,31 +1,39 @@
-"""ControlNet: parity with diffusers' ControlNetModel, loading lllyasviel files, exporting both layouts."""
+"""ControlNet: parity with diffusers' ControlNetModel, loading lllyasviel files, exporting both layouts,
+the guided step."""
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import controlnet as cn
 import model
 import unet
-from tests.util import max_rel_err, randomize_
+from util import max_rel_err, randomize_
 
 TOL = 1e-4
+TINY = unet.UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_heads=8, context_dim=64)
 
 
 def reference(net):
     from diffusers import ControlNetModel
-    c = cn.controlnet_config_to_diffusers(net)
-    c.pop("_class_name")
-    ref = ControlNetModel(**c)
-    names = cn.controlnet_key_map(net.config, net.hint_channels)
+    ref = ControlNetModel(**cn.controlnet_config_to_diffusers(net))
+    names = cn.controlnet_key_map(net.config, net.hint_block_channels)
     ref.load_state_dict({names[k]: v for k, v in net.state_dict().items()}, strict=True)
     return ref.eval()
 
 
-def residuals_match(net, ref, size, ctx_dim, scale=1.0, batch=2):
-    g = torch.Generator().manual_seed(1)
+def inputs(size, ctx_dim, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, size // 8, size // 8, generator=g)
     t = torch.tensor([10, 700][:batch])
     ctx = torch.randn(batch, 77, ctx_dim, generator=g)
     hint = torch.rand(batch, 3, size, size, generator=g)
+    return x, t, ctx, hint
+
+
+def residual_error(net, ref, size, scale=1.0, batch=2):
+    x, t, ctx, hint = inputs(size, net.config.context_dim, batch)
     with torch.no_grad():
         ours = net(x, t, ctx, hint, scale=scale)
         down, mid = ref(x, t, ctx, hint, conditioning_scale=scale, return_dict=False)
@@ -36,90 +44,168 @@ def residuals_match(net, ref, size, ctx_dim, scale=1.0, batch=2):
     return max(max_rel_err(a, b) for a, b in zip(ours, refs))
 
 
+def test_key_map_is_one_to_one():
+    from diffusers import ControlNetModel
+    net = cn.ControlNet(TINY)
+    km = cn.controlnet_key_map(TINY)
+    theirs = ControlNetModel(**cn.controlnet_config_to_diffusers(net)).state_dict()
+    ours = net.state_dict()
+    assert set(km) == set(ours) and set(km.values()) == set(theirs) and len(set(km.values())) == len(km)
+    assert all(ours[k].shape == theirs[v].shape for k, v in km.items())
+
+
 def test_parity_tiny():
-    net = randomize_(cn.ControlNet(model.tiny().unet), 0).eval()
-    assert residuals_match(net, reference(net), 64, 64, scale=0.7) <= TOL
+    net = randomize_(cn.ControlNet(TINY), 0).eval()
+    err = residual_error(net, reference(net), 128, scale=0.7)
+    print(f"controlnet parity tiny: {err:.2e}")
+    assert err <= TOL
 
 
 @pytest.mark.slow
 def test_parity_sd15():
-    net = randomize_(cn.ControlNet(model.sd15().unet), 0).eval()
-    assert residuals_match(net, reference(net), 256, 768, batch=1) <= TOL
+    net = randomize_(cn.ControlNet(unet.UNetConfig()), 0).eval()
+    err = residual_error(net, reference(net), 512, batch=1)
+    print(f"controlnet parity sd15: {err:.2e}")
+    assert err <= TOL
 
 
 def test_from_unet_copies_encoder_and_starts_as_noop():
-    u = randomize_(unet.UNet(model.tiny().unet), 3)
+    u = randomize_(unet.UNet(TINY), 3).eval()
     net = cn.ControlNet.from_unet(u)
     ours = net.state_dict()
     for k, v in u.state_dict().items():
         if k.startswith(("time_embed.", "input_blocks.", "middle_block.")):
             assert torch.equal(ours[k], v), k
-    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 64)
-    res = net(x, 5, ctx, torch.rand(1, 3, 64, 64))
-    assert all(r.abs().max() == 0 for r in res)  # zero convs: a new ControlNet changes nothing
-    torch.testing.assert_close(u(x, 5, ctx, control=res), u(x, 5, ctx), rtol=0, atol=0)
+    x, t, ctx, hint = inputs(64, 64)
+    with torch.no_grad():
+        res = net(x, t, ctx, hint)
+        assert all(r.abs().max() == 0 for r in res)  # zero convs: a new ControlNet changes nothing
+        assert torch.equal(u(x, t, ctx, control=res), u(x, t, ctx))
 
 
-@pytest.mark.parametrize("prefix,suffix", [("control_model.", ".pth"), ("", ".pth"), ("control_model.", ".safetensors")])
-def test_loads_lllyasviel_layout(tmp_path, prefix, suffix):
-    net = randomize_(cn.ControlNet(model.tiny().unet), 4)
+def lllyasviel_file(tmp_path, net, prefix, suffix, extra=None):
     tensors = {prefix + k: v.contiguous() for k, v in net.state_dict().items()}
+    tensors.update(extra or {})
     path = tmp_path / f"control_v11f1p_sd15_depth{suffix}"
     if suffix == ".pth":
         torch.save(tensors, path)
     else:
-        from safetensors.torch import save_file
         save_file(tensors, str(path))  # no metadata: the architecture comes from the shapes
-    loaded = cn.load_controlnet(path, unet_cfg=model.tiny().unet)
+    return path
+
+
+@pytest.mark.parametrize("prefix,suffix", [("control_model.", ".pth"), ("", ".pth"), ("control_model.", ".safetensors"),
+                                           ("", ".safetensors")])
+def test_loads_lllyasviel_layout(tmp_path, prefix, suffix):
+    net = randomize_(cn.ControlNet(TINY), 4)
+    loaded = cn.load_controlnet(lllyasviel_file(tmp_path, net, prefix, suffix), unet_cfg=TINY)
+    assert loaded.config == TINY
     for k, v in net.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v)
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_loads_only_the_controlnet_from_a_full_v10_file(tmp_path):
+    # ControlNet v1.0 files carry the whole model next to control_model.*
+    net = randomize_(cn.ControlNet(TINY), 5)
+    extra = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),
+             "first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3), "betas": torch.zeros(10)}
+    loaded = cn.load_controlnet(lllyasviel_file(tmp_path, net, "control_model.", ".pth", extra), unet_cfg=TINY,
+                                dtype=torch.bfloat16)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16)), k
 
 
 def test_refuses_misfit_and_wrong_files(tmp_path):
-    net = cn.ControlNet(model.tiny().unet)
+    net = cn.ControlNet(TINY)
     path = tmp_path / "cn.safetensors"
     cn.save_controlnet(net, path)
-    other = model.tiny().unet
-    other.context_dim = 32
+    other = unet.UNetConfig(**{**TINY.__dict__, "context_dim": 32})
     with pytest.raises(model.CheckpointError, match="does not fit the UNet"):
         cn.load_controlnet(path, unet_cfg=other)
-    sd = model.StableDiffusion(model.tiny())
-    model.save_sd(sd, str(tmp_path / "sd.safetensors"))
+    wider = unet.UNetConfig(**{**TINY.__dict__, "model_channels": 64})
+    with pytest.raises(model.CheckpointError, match="model_channels 32 vs 64"):
+        cn.load_controlnet(path, unet_cfg=wider)
+    sd_file = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in unet.UNet(TINY).state_dict().items()},
+              str(sd_file))
     with pytest.raises(model.CheckpointError, match="full Stable Diffusion"):
-        cn.load_controlnet(tmp_path / "sd.safetensors")
+        cn.load_controlnet(sd_file)
+    cn.export_diffusers(net, tmp_path / "folder")
+    with pytest.raises(model.CheckpointError, match="pass its folder"):
+        cn.load_controlnet(tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(model.CheckpointError, match="not a diffusers ControlNetModel folder"):
+        cn.load_controlnet(tmp_path)
+
+
+def test_our_file_keeps_heads_and_groups(tmp_path):
+    cfg = unet.UNetConfig(**{**TINY.__dict__, "num_heads": 4, "norm_groups": 16})
+    net = randomize_(cn.ControlNet(cfg), 7)
+    cn.save_controlnet(net, tmp_path / "cn.safetensors")
+    assert all(k.startswith("control_model.") for k in load_file(tmp_path / "cn.safetensors"))
+    assert cn.load_controlnet(tmp_path / "cn.safetensors").config == cfg
 
 
 def test_export_round_trip(tmp_path):
     from diffusers import ControlNetModel
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-    net = randomize_(cn.ControlNet(model.tiny().unet), 6).eval()
+    net = randomize_(cn.ControlNet(TINY), 6).eval()
+    # the diffusers folder loads with diffusers' own from_pretrained ...
     cn.export_diffusers(net, tmp_path / "folder")
     ref = ControlNetModel.from_pretrained(tmp_path / "folder").eval()
-    assert residuals_match(net, ref, 64, 64) <= TOL
-    # our own loader reads the folder back
-    back = cn.load_controlnet(tmp_path / "folder")
+    assert residual_error(net, ref, 64) <= TOL
+    # ... and with ours
+    back = cn.load_controlnet(tmp_path / "folder", unet_cfg=TINY)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in net.state_dict().items())
-    # the original-layout export, through diffusers' own converter
+    # the original-layout export (control_model. prefix) goes through diffusers' own converter
     cn.save_controlnet(net, tmp_path / "cn.safetensors")
-    from safetensors.torch import load_file
-    c = cn.controlnet_config_to_diffusers(net)
-    c.pop("_class_name")
-    converted = convert_controlnet_checkpoint(load_file(tmp_path / "cn.safetensors"), c)
-    ref2 = ControlNetModel(**c)
+    converted = convert_controlnet_checkpoint(load_file(tmp_path / "cn.safetensors"),
+                                              {"layers_per_block": TINY.num_res_blocks})
+    ref2 = ControlNetModel(**cn.controlnet_config_to_diffusers(net))
     ref2.load_state_dict(converted, strict=True)
-    assert residuals_match(net, ref2.eval(), 64, 64) <= TOL
+    assert residual_error(net, ref2.eval(), 64) <= TOL
 
 
-def test_guided_eps_shares_the_hint():
-    cfg = model.tiny().unet
-    u = randomize_(unet.UNet(cfg), 1).eval()
-    net = randomize_(cn.ControlNet(cfg), 2).eval()
-    x, hint = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 64, 64)
+def test_bgr_folder_is_flipped_to_rgb(tmp_path):
+    net = randomize_(cn.ControlNet(TINY), 8).eval()
+    cn.export_diffusers(net, tmp_path / "bgr")
+    c = json.loads((tmp_path / "bgr" / "config.json").read_text())
+    c["controlnet_conditioning_channel_order"] = "bgr"
+    (tmp_path / "bgr" / "config.json").write_text(json.dumps(c))
+    w = load_file(tmp_path / "bgr" / "diffusion_pytorch_model.safetensors")
+    w["controlnet_cond_embedding.conv_in.weight"] = w["controlnet_cond_embedding.conv_in.weight"].flip(1).contiguous()
+    save_file(w, str(tmp_path / "bgr" / "diffusion_pytorch_model.safetensors"))
+    back = cn.load_controlnet(tmp_path / "bgr")
+    x, t, ctx, hint = inputs(64, 64)
+    with torch.no_grad():
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(back(x, t, ctx, hint), net(x, t, ctx, hint)))
+
+
+def test_guided_eps_matches_the_plain_doubled_batch():
+    u = randomize_(unet.UNet(TINY), 1).eval()
+    net = randomize_(cn.ControlNet(TINY), 2).eval()
+    x, _, _, hint = inputs(64, 64)
     ctx = torch.randn(4, 7, 64)
-    t = torch.tensor([500] * 4)
-    eps = cn.guided_eps(u, net, x, t, ctx, hint, guidance=7.5)
-    with torch.no_grad():  # the plain way: the hint repeated for both halves
-        x2 = torch.cat([x, x])
-        e = u(x2, t, ctx, control=net(x2, t, ctx, torch.cat([hint, hint])))
+    eps = cn.guided_eps(u, net, x, 500, ctx, hint, guidance=7.5, control_scale=0.8)
+    with torch.no_grad():  # the plain way: latents and hint repeated for both halves
+        x2, h2, t2 = torch.cat([x, x]), torch.cat([hint, hint]), torch.tensor([500] * 4)
+        e = u(x2, t2, ctx, control=net(x2, t2, ctx, h2, scale=0.8))
     un, co = e.chunk(2)
-    torch.testing.assert_close(eps, un + 7.5 * (co - un), rtol=1e-5, atol=1e-5)
+    assert eps.shape == x.shape
+    assert max_rel_err(eps, un + 7.5 * (co - un)) <= 1e-5
+    # a single hint shared by every latent
+    eps1 = cn.guided_eps(u, net, x, 500, ctx, hint[:1], guidance=7.5)
+    eps2 = cn.guided_eps(u, net, x, 500, ctx, hint[:1].expand(2, -1, -1, -1), guidance=7.5)
+    assert max_rel_err(eps1, eps2) <= 1e-5
+
+
+def test_gradient_checkpointing_same_gradients():
+    net = randomize_(cn.ControlNet(TINY), 9)
+    x, t, ctx, hint = inputs(64, 64)
+    grads = []
+    for ckpt in (False, True):
+        net.zero_grad()
+        net.grad_checkpointing = ckpt
+        sum(r.square().mean() for r in net(x, t, ctx, hint)).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

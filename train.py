@@ -259,6 +259,7 @@ def optimizer_step(args, module, opt, sched, scaler, ema, loss_total, bad_streak
 
 
 FLOPS_SEEN = {}  # FLOPs of one optimizer step, per setting, counted once per process
+PEAK_SEEN = {}   # a device's measured matmul FLOP/s, the MFU denominator
 
 
 def save_checkpoint(path, state):
@@ -416,7 +417,9 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
                        "skipped_data": skipped_data, "skipped_steps": int(vals[-1])}
                 if flops_per_step:
                     if peak is None:
-                        peak = measure_matmul_flops(dev, models.compute_dtype if dev.type == "cuda" else torch.float32)
+                        dtype = models.compute_dtype if dev.type == "cuda" else torch.float32
+                        peak = PEAK_SEEN.get((str(dev), dtype)) or measure_matmul_flops(dev, dtype)
+                        PEAK_SEEN[(str(dev), dtype)] = peak
                     row["mfu"] = flops_per_step * steps_since_log / elapsed / (peak * W)
                 if rank == 0:
                     with open(log_path, "a") as f:
@@ -439,7 +442,7 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
     except KeyboardInterrupt:
         if rank == 0 and step > 0:
             save_checkpoint(ckpt_path, checkpoint_state(module, ema, opt, sched, scaler, step, skipped_data))
-            log(f"\ninterrupted: saved step {step} to {ckpt_path}; rerun with --resume to continue")
+            log(f"\ninterrupted: saved step {step} to {ckpt_path}; run again (with --resume) to continue")
         raise
     finally:
         bar.close()

@@ -1,0 +1,614 @@
+"""The shapes world: the whole of InnerControl, from an empty folder, on a 2-core CPU.
+
+`python train.py --control depth` with no --weights runs this. Synthetic 3D scenes (data.py's
+renderer) have exact depth, edges and line art, so every model the method needs can be trained from
+scratch in minutes and the paper's comparison (arXiv 2507.02321, Table 1) can be re-run in miniature:
+
+  1 data          render train and held-out scenes (image, depth, soft edges, line art, caption)
+  2 vae           a small VAE (the SD1.5 architecture, small widths)
+  3 base          text-to-image UNet + a small text encoder with a word-level tokenizer
+  4 annotators    two toy annotators for the control: the reward model, and an independent
+                  evaluator (other architecture, other seed), as DPT-Hybrid and DPT-Large are upstream
+  5 controlnet    a ControlNet from the base UNet, diffusion loss only
+  6 probe         the probe, pre-trained on the frozen UNet + ControlNet
+  7 finetune      ControlNet, ControlNet++ and InnerControl fine-tuning from stage 5,
+                  equal steps, same seeds (same batches, timesteps and noise) for the three methods
+  8 eval          controllability (depth RMSE, or SSIM for edges) and a Frechet distance on
+                  held-out scenes; the figures
+
+Each stage writes into OUT/<stage>/ and marks itself done (done.json); a rerun skips finished stages
+and resumes an interrupted one from its last checkpoint (Ctrl-C saves one); --fresh starts over.
+SHAPES_SMOKE=1 runs every stage for a few steps (the CI smoke test); SHAPES_PRESET='{"finetune_steps":
+500}' overrides entries of the preset below.
+"""
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import data
+import eval as evaluation
+import model
+import reward
+import train
+from controlnet import ControlNet, load_controlnet
+from probe import Probe, ProbeConfig, load_probe, probe_output01
+
+# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores. CPU time per
+# step on one core (ms): vae 350 (batch 8), base 590 (batch 32), annotators 190 + 200, controlnet 770,
+# probe 690, fine-tuning 770 / 850 / 1100 (ControlNet / ControlNet++ / InnerControl, batch 16), one
+# guided sampling step of 32 images 870: about 25 minutes on one core in all (see _run).
+PRESET = dict(
+    size=64, n_train=1500, n_test=32, seeds=(0, 1, 2),
+    vae_ch=16, vae_steps=400, vae_batch=8, vae_lr=1e-3,
+    base_steps=400, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
+    annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
+    controlnet_steps=400, controlnet_batch=16, controlnet_lr=2e-4,
+    probe_steps=150, probe_batch=16, probe_lr=1e-3,
+    finetune_steps=50, finetune_batch=16, finetune_lr=1e-4,
+    eval_steps=10, guidance=5.0, save_every=100, log_every=10,
+)
+# Every stage a few steps at the smallest size the UNet takes (64 px: 8x8 latents, three downsamplings).
+SMOKE = dict(size=64, n_train=16, n_test=4, seeds=(0, 1),
+             vae_steps=2, base_steps=2, annotator_steps=2, controlnet_steps=2, probe_steps=2, finetune_steps=2,
+             eval_steps=2, vae_batch=2, base_batch=4, annotator_batch=2, controlnet_batch=2, probe_batch=2,
+             finetune_batch=2, save_every=1, log_every=1)
+METHODS = ("controlnet", "controlnet++", "innercontrol")
+NAMES = {"controlnet": "ControlNet", "controlnet++": "ControlNet++", "innercontrol": "InnerControl"}
+
+
+def preset():
+    P = dict(PRESET)
+    if os.environ.get("SHAPES_SMOKE"):
+        P.update(SMOKE)
+    if os.environ.get("SHAPES_PRESET"):
+        P.update(json.loads(os.environ["SHAPES_PRESET"]))
+    P["seeds"] = tuple(P["seeds"])
+    return P
+
+
+def shapes_config(P, vocab_size, max_len):
+    """model.tiny() with a text encoder sized for the caption vocabulary and a VAE of width vae_ch."""
+    cfg = model.tiny()
+    cfg.text = model.TextConfig(vocab_size=vocab_size, width=64, layers=2, heads=2, max_len=max_len, mlp_dim=128)
+    ch = P["vae_ch"]
+    cfg.vae = model.VAEConfig(ch=ch, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=max(1, min(32, ch // 2)))
+    return cfg
+
+
+def control_column(control):
+    """Depth: the exact map is the control. Edges: the annotator reads the image itself, and its
+    output is both the ControlNet's input and the label (ControlNet++ sec. 3.3)."""
+    return "depth_file_name" if control == "depth" else "file_name"
+
+
+# ----------------------------------------------------------------------------------------------
+# A small resumable loop for the from-scratch stages (VAE, base model, annotators).
+
+def fit(out, modules, loss_fn, steps, lr, save_every=250, desc=""):
+    """AdamW on `modules` for `steps` steps; loss_fn(step) draws its own batch and noise from the
+    step number, so a resumed run sees exactly the batches it would have. Checkpoints to
+    OUT/checkpoint.pt every `save_every` steps and on Ctrl-C. Returns (final loss EMA, s/step)."""
+    from tqdm import tqdm
+    os.makedirs(out, exist_ok=True)
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    path, step, running = os.path.join(out, "checkpoint.pt"), 0, None
+    if os.path.exists(path):
+        ck = train.load_checkpoint(path, "cpu")
+        for m, sd in zip(modules, ck["modules"]):
+            m.load_state_dict(sd)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, running = ck["step"], ck.get("loss")
+        print(f"resumed from {path} at step {step}")
+
+    def save():
+        train.save_checkpoint(path, {"modules": [m.state_dict() for m in modules], "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict(), "step": step, "loss": running})
+
+    for m in modules:
+        m.train()
+    bar = tqdm(total=steps, initial=step, desc=desc, dynamic_ncols=True)
+    t0, first = time.perf_counter(), step
+    try:
+        while step < steps:
+            loss = loss_fn(step)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{running:.4g}")
+            if step % save_every == 0 and step < steps:
+                save()
+    except KeyboardInterrupt:
+        save()
+        print(f"\ninterrupted: saved step {step} to {path}", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    save()
+    return running, (time.perf_counter() - t0) / max(1, step - first)
+
+
+def batch_indices(step, n, batch, seed):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch,), generator=g)
+
+
+def load_arrays(root, control, size):
+    """A rendered split in memory: images (N,3,R,R) in [-1,1]; conds (N,3,R,R) in [0,1], what the
+    training loader hands the step as its control; truths (N,3,R,R) in [0,1], the exact control
+    map of the scene (the annotators' training target); captions."""
+    ds = data.ControlDataset(root, resolution=size, control_column=f"{control}_file_name")
+    items = [ds[i] for i in range(len(ds))]
+    images = torch.stack([x["image"] for x in items])
+    truths = torch.stack([x["control"] for x in items])
+    conds = truths if control == "depth" else (images + 1) / 2
+    return images, conds, truths, [x["text"] for x in items]
+
+
+# ----------------------------------------------------------------------------------------------
+# Toy annotators. Two different architectures trained apart, so that the evaluator is not the
+# reward model the fine-tuning optimised against. Depth: like DPT, input in [-1, 1] (what
+# reward.depth_reward_prediction feeds), positive relative depth out. Edges: like HED and LineArt,
+# input in [0, 1], a map in [0, 1] out.
+
+class ToyAnnotatorUNet(nn.Module):
+    """Reward model: a small encoder-decoder with skips."""
+    input_size = None  # native resolution: reward.depth_reward_prediction skips DPT's 384 resize
+
+    def __init__(self, w=16, kind="depth"):
+        super().__init__()
+        self.kind = kind
+        c = lambda i, o, s=1: nn.Sequential(nn.Conv2d(i, o, 3, s, 1), nn.GroupNorm(8, o), nn.SiLU())
+        self.enc1, self.enc2, self.enc3 = c(3, w), c(w, 2 * w, 2), c(2 * w, 4 * w, 2)
+        self.mid = nn.Sequential(c(4 * w, 4 * w), c(4 * w, 4 * w))
+        self.dec2, self.dec1 = c(6 * w, 2 * w), c(3 * w, w)
+        self.out = nn.Conv2d(w, 1, 3, 1, 1)
+
+    def features(self, x):
+        """Pooled bottleneck features of an image in [-1, 1] (for the Frechet distance)."""
+        return self.mid(self.enc3(self.enc2(self.enc1(x)))).mean((2, 3))
+
+    def forward(self, x):
+        x = x if self.kind == "depth" else x * 2 - 1
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        m = self.mid(self.enc3(e2))
+        d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2.0), e2], 1))
+        y = self.out(self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1)))
+        return F.softplus(y) if self.kind == "depth" else torch.sigmoid(y)
+
+
+class ToyAnnotatorDilated(nn.Module):
+    """Evaluator: full-resolution dilated convolutions (a different inductive bias and seed)."""
+    input_size = None
+
+    def __init__(self, w=16, kind="depth"):
+        super().__init__()
+        self.kind = kind
+        layers, c = [], 3
+        for d in (1, 2, 4, 8, 1, 2, 4, 1):
+            layers += [nn.Conv2d(c, w, 3, 1, d, dilation=d), nn.BatchNorm2d(w), nn.ReLU()]
+            c = w
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(w, 1, 1)
+
+    def features(self, x):
+        return self.body(x).mean((2, 3))
+
+    def forward(self, x):
+        y = self.out(self.body(x if self.kind == "depth" else x * 2 - 1))
+        return F.softplus(y) if self.kind == "depth" else torch.sigmoid(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+
+def stage_done(d):
+    return os.path.exists(os.path.join(d, "done.json"))
+
+
+def mark_done(d, **info):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "done.json.tmp"), "w") as f:
+        json.dump(info, f)
+    os.replace(os.path.join(d, "done.json.tmp"), os.path.join(d, "done.json"))
+
+
+def done_info(d):
+    with open(os.path.join(d, "done.json")) as f:
+        return json.load(f)
+
+
+def header(n, name, d, what):
+    done = stage_done(d)
+    print(f"{n}/8 {name}: " + (f"done, reusing {d}" if done else what), flush=True)
+    return done
+
+
+def stage_data(root, P, control):
+    d = os.path.join(root, "data")
+    if not header(1, "data", d, f"rendering {P['n_train']} + {P['n_test']} scenes at {P['size']} px"):
+        t0 = time.perf_counter()
+        workers = min(os.cpu_count() or 1, 8) if P["n_train"] >= 200 else 0
+        data.write_shapes_dataset(os.path.join(d, "train"), P["n_train"], seed=1, size=P["size"], control=control,
+                                  num_workers=workers)
+        data.write_shapes_dataset(os.path.join(d, "test"), P["n_test"], seed=2, size=P["size"], control=control,
+                                  num_workers=workers if P["n_test"] >= 200 else 0)
+        mark_done(d, seconds=time.perf_counter() - t0)
+    return os.path.join(d, "train"), os.path.join(d, "test")
+
+
+def stage_vae(root, P, cfg, images):
+    d = os.path.join(root, "vae")
+    if not header(2, "vae", d, f"{P['vae_steps']} steps, batch {P['vae_batch']}"):
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        vae = model.VAE(cfg.vae)
+
+        def loss_fn(step):
+            x = images[batch_indices(step, len(images), P["vae_batch"], 10)]
+            mean, logvar = vae.encode(x)
+            g = torch.Generator().manual_seed(step)
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+            rec = vae.decode(z)
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+            # L1 + MSE keeps edges sharper than MSE alone; a small KL keeps the latent space smooth
+            return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+
+        loss, step_time = fit(d, [vae], loss_fn, P["vae_steps"], P["vae_lr"], P["save_every"], desc="vae")
+        vae.eval()
+        with torch.no_grad():  # LDM sec. 4.3.2: scale the latents to unit variance
+            std = vae.encode(images[:256])[0].std().item()
+        mark_done(d, scaling_factor=1.0 / std, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
+    else:
+        vae = model.VAE(cfg.vae)
+        vae.load_state_dict(train.load_checkpoint(os.path.join(d, "checkpoint.pt"), "cpu")["modules"][0])
+    cfg.vae.scaling_factor = vae.cfg.scaling_factor = done_info(d)["scaling_factor"]
+    return vae.requires_grad_(False).eval()
+
+
+def stage_base(root, P, cfg, tokenizer, vae, images, texts):
+    d = os.path.join(root, "base")
+    path = os.path.join(d, "sd.safetensors")
+    if header(3, "base", d, f"text-to-image UNet + text encoder, {P['base_steps']} steps, batch {P['base_batch']}"):
+        return model.load_sd(path)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    sd = model.StableDiffusion(cfg, tokenizer)
+    sd.vae.load_state_dict(vae.state_dict())
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256])[0] for i in range(0, len(images), 256)])
+        latents = latents * cfg.vae.scaling_factor
+        ids = tokenizer(texts)
+        empty = tokenizer([""])
+    schedule = sd.schedule
+
+    def loss_fn(step):
+        g = torch.Generator().manual_seed(step)
+        idx = batch_indices(step, len(latents), P["base_batch"], 20)
+        x0, tok = latents[idx], ids[idx].clone()
+        drop = torch.rand(len(idx), generator=g) < P["caption_dropout"]  # for classifier-free guidance
+        tok[drop] = empty
+        t = torch.randint(0, 1000, (len(idx),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        eps_hat = sd.unet(schedule.add_noise(x0, eps, t), t, sd.text_encoder(tok))
+        return F.mse_loss(eps_hat, eps)
+
+    loss, step_time = fit(d, [sd.unet, sd.text_encoder], loss_fn, P["base_steps"], P["base_lr"], P["save_every"],
+                          desc="base")
+    sd.eval()
+    model.save_sd(sd, path)
+    mark_done(d, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
+    return sd
+
+
+def stage_annotators(root, P, control, images, truths):
+    """The reward model and the evaluator, both trained to read the exact control from the image
+    through the same function training and evaluation call (reward.reward_prediction)."""
+    d = os.path.join(root, "annotators")
+    kind = "depth" if control == "depth" else "edges"
+    w = P["annotator_width"]
+    make = {"reward": lambda: ToyAnnotatorUNet(w, kind), "evaluator": lambda: ToyAnnotatorDilated(w, kind)}
+    target = reward.depth_label(truths) if control == "depth" else truths[:, :1]
+    images01 = (images + 1) / 2
+    nets = []
+    for i, name in enumerate(make):
+        sub = os.path.join(d, name)
+        torch.manual_seed(100 + i)
+        net = make[name]()
+        what = f"{type(net).__name__}, {P['annotator_steps']} steps, batch {P['annotator_batch']}"
+        if not header(4, f"annotators/{name}", sub, what):
+            t0 = time.perf_counter()
+
+            def loss_fn(step, net=net, i=i):
+                idx = batch_indices(step, len(images), P["annotator_batch"], 30 + i)
+                return F.mse_loss(reward.reward_prediction(control, net, images01[idx]), target[idx])
+
+            loss, step_time = fit(sub, [net], loss_fn, P["annotator_steps"], P["annotator_lr"], P["save_every"],
+                                  desc=name)
+            mark_done(sub, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
+        net.load_state_dict(train.load_checkpoint(os.path.join(sub, "checkpoint.pt"), "cpu")["modules"][0])
+        nets.append(net.requires_grad_(False).eval())
+    return nets
+
+
+def train_args(out, P, method, stage, control, steps, batch, lr, seed):
+    argv = ["--method", method, "--stage", stage, "--control", control, "--out", out,
+            "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed),
+            "--resolution", str(P["size"]), "--num-workers", "0", "--device", "cpu",
+            "--sample-every", "0", "--log-every", str(P["log_every"]), "--save-every", str(P["save_every"]),
+            "--warmup-steps", "10", "--resume"]
+    return train.parse_args(argv)
+
+
+def run_train_stage(out, P, sd, controlnet, probe, reward_model, dataset, method, stage, control, steps, batch,
+                    lr, seed):
+    """One call of train.train with the shapes-world models (resuming OUT/checkpoint.pt if there is
+    one); returns the path of the trained ControlNet or probe and the mean step time."""
+    args = train_args(out, P, method, stage, control, steps, batch, lr, seed)
+    models = train.Models(args, sd, controlnet, probe, reward_model,
+                          annotator=reward_model if control != "depth" else None)
+    ds = data.ControlDataset(dataset, P["size"], control_column=control_column(control))
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    train.train(args, models, ds, log=print)  # prints "resumed from ... at step N" when it continues
+    seconds = time.perf_counter() - t0
+    path = train.finish(args, models)
+    sd.requires_grad_(False).eval()  # train.Models left them frozen; keep it explicit for the next stage
+    return path, seconds
+
+
+def log_step_time(d):
+    """Mean step time from train.py's log (the first interval holds the FLOP count, so skip it)."""
+    rows = []
+    if os.path.exists(os.path.join(d, "log.jsonl")):
+        with open(os.path.join(d, "log.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    times = [r["step_time"] for r in rows[1:]] or [r["step_time"] for r in rows]
+    return float(np.median(times)) if times else None
+
+
+def stage_controlnet(root, P, sd, reward_model, train_dir, control):
+    d = os.path.join(root, "controlnet")
+    if not header(5, "controlnet", d, f"from the base UNet, diffusion loss only, {P['controlnet_steps']} steps, "
+                                      f"batch {P['controlnet_batch']}"):
+        torch.manual_seed(0)
+        net = ControlNet.from_unet(sd.unet)
+        _, seconds = run_train_stage(d, P, sd, net, None, reward_model, train_dir, "controlnet", "finetune", control,
+                                     P["controlnet_steps"], P["controlnet_batch"], P["controlnet_lr"], 0)
+        mark_done(d, seconds=seconds, step_time=log_step_time(d))
+    return os.path.join(d, "controlnet.safetensors")
+
+
+def stage_probe(root, P, sd, controlnet_path, reward_model, train_dir, control):
+    d = os.path.join(root, "probe")
+    if not header(6, "probe", d, f"reads the control from the frozen UNet's decoder features, {P['probe_steps']} "
+                                 f"steps, batch {P['probe_batch']}"):
+        torch.manual_seed(0)
+        probe = Probe(ProbeConfig.for_unet(sd.unet.config))
+        _, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model, train_dir,
+                                     "innercontrol", "probe", control, P["probe_steps"], P["probe_batch"],
+                                     P["probe_lr"], 0)
+        mark_done(d, seconds=seconds, step_time=log_step_time(d))
+    return os.path.join(d, "probe.safetensors")
+
+
+def stage_finetune(root, P, sd, controlnet_path, probe_path, reward_model, train_dir, control):
+    results = {}
+    for method in METHODS:
+        for seed in P["seeds"]:
+            d = os.path.join(root, "finetune", f"{method}-seed{seed}")
+            what = f"from stage 5, {P['finetune_steps']} steps, batch {P['finetune_batch']}"
+            if not header(7, f"finetune {NAMES[method]}, seed {seed}", d, what):
+                probe = load_probe(probe_path) if method == "innercontrol" else None
+                _, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model,
+                                             train_dir, method, "finetune", control, P["finetune_steps"],
+                                             P["finetune_batch"], P["finetune_lr"], seed)
+                mark_done(d, seconds=seconds, step_time=log_step_time(d))
+            results[(method, seed)] = os.path.join(d, "controlnet.safetensors")
+    return results
+
+
+@torch.no_grad()
+def probe_error_by_timestep(sd, controlnet, probe, reward_model, conds, images, texts, control, seed=0):
+    """Per timestep bucket (0-200, ..., 800-1000): RMSE (8-bit) of the probe's reading of the
+    control from the UNet's features, beside the reward model run on the one-step x0 estimate: the
+    paper's sec. 3.1 argument, measured (the probe stays usable at high t, the x0 estimate blurs)."""
+    g = torch.Generator().manual_seed(seed)
+    label = reward.make_label(control, None if control == "depth" else reward_model, conds)
+    cond = reward.control_image(control, label, conds)
+    context = sd.encode_prompt(texts)
+    latents = sd.vae.encode(images)[0] * sd.vae.cfg.scaling_factor
+    rows = []
+    for lo in range(0, 1000, 200):
+        t = torch.randint(lo, lo + 200, (len(images),), generator=g)
+        noise = torch.randn(latents.shape, generator=g)
+        x_t = sd.schedule.add_noise(latents, noise, t)
+        eps, feats = sd.unet(x_t, t, context, control=controlnet(x_t, t, context, cond), return_features=True)
+        p = reward.probe_to_label_space(probe_output01(probe(feats)), control, size=label.shape[-2:])
+        x0 = sd.schedule.x0_from_eps(x_t, eps, t)
+        r = reward.reward_prediction(control, reward_model, ((sd.vae.decode_latents(x0) + 1) / 2).clamp(0, 1))
+        rows.append({"bucket": f"{lo}-{lo + 200}", "probe_rmse": evaluation.rmse_8bit(p, label).mean().item(),
+                     "x0_reward_rmse": evaluation.rmse_8bit(r, label).mean().item(),
+                     "probe": p[:4], "x0_reward": r[:4]})
+    return rows
+
+
+def tile(x, size):
+    x = x.float().cpu()
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return F.interpolate(x, size=size, mode="nearest").clamp(0, 1)
+
+
+def save_figure(path, columns, headers, size=96):
+    """columns: list of (N,C,H,W) tensors in [0,1]; one column each, one row per sample, a header row."""
+    grid = torch.cat([torch.cat(list(tile(c, (size, size))), 1) for c in columns], 2)
+    img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    canvas = Image.new("RGB", (img.width, img.height + 16), "white")
+    canvas.paste(img, (0, 16))
+    draw = ImageDraw.Draw(canvas)
+    for i, h in enumerate(headers):
+        draw.text((i * size + 3, 2), h, fill="black")
+    canvas.save(path)
+
+
+def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model, evaluator, test_dir, control):
+    d = os.path.join(root, "eval")
+    t0 = time.perf_counter()
+    images, conds, _, texts = load_arrays(test_dir, control, P["size"])
+    label = reward.make_label(control, None if control == "depth" else reward_model, conds)
+    cond = reward.control_image(control, label, conds)
+    real_features = evaluation.evaluator_features(evaluator, (images + 1) / 2)
+
+    def measure(controlnet, seed):
+        gen = evaluation.generate_images(sd, texts, cond if controlnet is not None else None, controlnet,
+                                         steps=P["eval_steps"], guidance=P["guidance"], seed=seed, size=P["size"])
+        score = evaluation.controllability(control, evaluator, gen, label).mean().item()
+        fd = evaluation.frechet_distance(evaluation.evaluator_features(evaluator, gen), real_features)
+        return gen, score, fd
+
+    table, gens = [], {}
+    _, score, fd = measure(None, 0)
+    table.append(("base model, no ControlNet", [score], [fd]))
+    gens["start"], score, fd = measure(load_controlnet(controlnet_path), 0)
+    table.append(("ControlNet (stage 5, before fine-tuning)", [score], [fd]))
+    for method in METHODS:
+        scores, fds = [], []
+        for seed in P["seeds"]:
+            gen, score, fd = measure(load_controlnet(finetuned[(method, seed)]), seed)
+            scores.append(score)
+            fds.append(fd)
+            if seed == P["seeds"][0]:
+                gens[method] = gen
+        table.append((f"{NAMES[method]} (+{P['finetune_steps']} steps)", scores, fds))
+
+    probe_rows = probe_error_by_timestep(sd, load_controlnet(controlnet_path), load_probe(probe_path), reward_model,
+                                         conds, images, texts, control)
+    k = min(4, len(images))
+    save_figure(os.path.join(root, "figure.png"),
+                [cond[:k]] + [gens[m][:k] for m in METHODS],
+                ["condition"] + [NAMES[m] for m in METHODS])
+    save_figure(os.path.join(root, "probe_figure.png"),
+                [label[:k]] + [r["probe"][:k] for r in probe_rows] + [r["x0_reward"][:k] for r in probe_rows],
+                ["label"] + [f"probe t{r['bucket'].split('-')[0]}" for r in probe_rows] +
+                [f"x0 t{r['bucket'].split('-')[0]}" for r in probe_rows])
+    metric = "depth RMSE (8-bit)" if control == "depth" else f"{control} SSIM"
+    results = {"control": control, "metric": metric,
+               "table": [{"method": m, "score": s, "fd": f} for m, s, f in table],
+               "probe_by_timestep": [{k2: v for k2, v in r.items() if k2 in ("bucket", "probe_rmse", "x0_reward_rmse")}
+                                     for r in probe_rows],
+               "preset": P}
+    mark_done(d, seconds=time.perf_counter() - t0)
+    results["seconds"] = stage_seconds(root)
+    with open(os.path.join(root, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(os.path.join(root, "results.json.tmp"), os.path.join(root, "results.json"))
+    return results
+
+
+def stage_seconds(root):
+    """Wall time each stage took (from its done.json), for the summary."""
+    out = {}
+    for dirpath, _, files in sorted(os.walk(root)):
+        if "done.json" in files:
+            info = done_info(dirpath)
+            if "seconds" in info:
+                out[os.path.relpath(dirpath, root)] = round(info["seconds"], 1)
+    return out
+
+
+def mean_std(xs, fmt):
+    xs = np.asarray(xs, dtype=np.float64)
+    return f"{xs.mean():{fmt}} ± {xs.std():{fmt}}" if len(xs) > 1 else f"{xs.mean():{fmt}}"
+
+
+def print_results(results):
+    control = results["control"]
+    metric = "depth RMSE (8-bit, lower is better)" if control == "depth" else f"{control} SSIM (higher is better)"
+    fmt = ".2f" if control == "depth" else ".4f"
+    print(f"\n| method | {metric} | Frechet distance to real renders (evaluator features) |")
+    print("| --- | --- | --- |")
+    for row in results["table"]:
+        print(f"| {row['method']} | {mean_std(row['score'], fmt)} | {mean_std(row['fd'], '.3g')} |")
+    n = len(results["table"][-1]["score"])
+    print(f"(fine-tuning rows: mean ± std over {n} seeds)" if n > 1 else "(one seed)")
+    print("\n| t bucket | probe RMSE (8-bit) | reward model on one-step x0 RMSE (8-bit) |")
+    print("| --- | --- | --- |")
+    for r in results["probe_by_timestep"]:
+        print(f"| {r['bucket']} | {r['probe_rmse']:.2f} | {r['x0_reward_rmse']:.2f} |")
+    if results.get("seconds"):
+        print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
+
+
+def run(args):
+    """The whole pipeline; `args` are train.py's (control, out, fresh)."""
+    root = args.out if args.out != "runs/train" else f"runs/shapes-{args.control}"
+    if args.fresh and os.path.exists(root):
+        shutil.rmtree(root)
+    os.makedirs(root, exist_ok=True)
+    try:
+        return _run(root, args.control)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: rerun the same command to continue from the last checkpoint in {root}",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def _run(root, control):
+    P = preset()
+    t0 = time.time()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The ops of these small models are short, and with two threads each one waits for both: one
+        # other busy process on a 2-core machine makes a step 5-20x slower (measured). On an idle
+        # machine two threads gain at most 2x; OMP_NUM_THREADS=2 asks for them.
+        torch.set_num_threads(1)
+    n = torch.get_num_threads()
+    print(f"shapes world -> {root} (control: {control}, {n} thread{'s' if n > 1 else ''})")
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+    if n > 1 and load > cores:
+        # the ops here are small: threads that wait on each other for a busy core stall every op
+        print(f"note: this machine is busy (load {load:.1f} on {cores} cores); the run is much faster with "
+              "OMP_NUM_THREADS=1 (the default) until it is quiet")
+    train_dir, test_dir = stage_data(root, P, control)
+    images, _, truths, texts = load_arrays(train_dir, control, P["size"])
+    tokenizer = model.Tokenizer.word_level(data.SHAPES_VOCAB)
+    cfg = shapes_config(P, tokenizer.vocab_size, max_len=16)
+    tokenizer.max_len = cfg.text.max_len
+    vae = stage_vae(root, P, cfg, images)
+    sd = stage_base(root, P, cfg, tokenizer, vae, images, texts)
+    sd.requires_grad_(False).eval()
+    reward_model, evaluator = stage_annotators(root, P, control, images, truths)
+    stages = [os.path.join(root, s) for s in ("controlnet", "probe")] + \
+        [os.path.join(root, "finetune", f"{m}-seed{s}") for m in METHODS for s in P["seeds"]]
+    all_done = all(stage_done(s) for s in stages)
+    cn_path = stage_controlnet(root, P, sd, reward_model, train_dir, control)
+    probe_path = stage_probe(root, P, sd, cn_path, reward_model, train_dir, control)
+    finetuned = stage_finetune(root, P, sd, cn_path, probe_path, reward_model, train_dir, control)
+    results_path = os.path.join(root, "results.json")
+    if all_done and stage_done(os.path.join(root, "eval")) and os.path.exists(results_path):
+        print(f"8/8 eval: done, reusing {results_path}")
+        with open(results_path) as f:
+            results = json.load(f)
+    else:
+        print(f"8/8 eval: {P['n_test']} held-out scenes, {P['eval_steps']} sampling steps, guidance {P['guidance']}")
+        results = stage_eval(root, P, sd, cn_path, probe_path, finetuned, reward_model, evaluator, test_dir, control)
+    print_results(results)
+    print(f"\nfigures: {root}/figure.png, {root}/probe_figure.png; results: {results_path} "
+          f"({(time.time() - t0) / 60:.1f} min)")
+    return results

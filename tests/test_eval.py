@@ -1,0 +1,254 @@
+"""eval.py: the controllability metrics against hand values and independent reference implementations."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import eval as evaluation
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The ops here are tiny: on a busy machine two OpenMP threads that wait on each other cost many
+    times what one thread does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- 8-bit RMSE -----------------------------------------------------------------------------------
+
+def test_rmse_8bit_hand_values():
+    label = torch.zeros(2, 1, 4, 4)
+    pred = torch.zeros(2, 1, 4, 4)
+    pred[0, :, :2] = 1.0          # half the pixels 255 vs 0: sqrt(255^2 / 2)
+    pred[1] = 10 / 255            # every pixel 10 levels off: 10
+    out = evaluation.rmse_8bit(pred, label)
+    assert out.shape == (2,)
+    assert out[0].item() == pytest.approx(255 / math.sqrt(2), abs=1e-4)
+    assert out[1].item() == pytest.approx(10.0, abs=1e-4)
+
+
+def test_rmse_8bit_quantises_and_clamps():
+    label = torch.zeros(1, 1, 2, 2)
+    # 0.2/255 rounds to level 0; values outside [0, 1] clamp to 0 and 255
+    assert evaluation.rmse_8bit(torch.full((1, 1, 2, 2), 0.2 / 255), label).item() == 0.0
+    assert evaluation.rmse_8bit(torch.full((1, 1, 2, 2), -3.0), label).item() == 0.0
+    assert evaluation.rmse_8bit(torch.full((1, 1, 2, 2), 7.0), label).item() == pytest.approx(255.0)
+
+
+def test_rmse_8bit_resizes_prediction_to_label():
+    label = torch.full((3, 1, 8, 8), 0.5)
+    pred = torch.full((3, 1, 16, 16), 0.5)  # a constant map stays constant under bilinear resizing
+    out = evaluation.rmse_8bit(pred, label)
+    assert out.shape == (3,) and torch.all(out == 0)
+
+
+# -- SSIM -----------------------------------------------------------------------------------------
+
+def ssim_reference(a, b, window=11, sigma=1.5, L=255.0):
+    """Wang et al. 2004 written out window by window: Gaussian-weighted local statistics over every
+    fully-contained 11x11 window of the 8-bit images, then the mean of the SSIM map."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    r = np.arange(window) - window // 2
+    g1 = np.exp(-r ** 2 / (2 * sigma ** 2))
+    w = np.outer(g1, g1)
+    w /= w.sum()
+    c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+    H, W = a.shape
+    vals = []
+    for i in range(H - window + 1):
+        for j in range(W - window + 1):
+            pa, pb = a[i:i + window, j:j + window], b[i:i + window, j:j + window]
+            ma, mb = (w * pa).sum(), (w * pb).sum()
+            va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+            cov = (w * (pa - ma) * (pb - mb)).sum()
+            vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 1, 24, 20, generator=g)
+    # b: a blurred, noisy, shifted version of a, so that SSIM lands well inside (0, 1)
+    b = (0.6 * a + 0.3 * torch.roll(a, 1, dims=-1) + 0.2 * torch.rand(3, 1, 24, 20, generator=g)).clamp(0, 1)
+    b[2] = 1 - a[2]  # anti-correlated: a negative SSIM
+    ours = evaluation.ssim(a, b)
+    assert ours.shape == (3,)
+    a8 = evaluation.to_8bit(a).numpy()
+    b8 = evaluation.to_8bit(b).numpy()
+    for k in range(3):
+        ref = ssim_reference(a8[k, 0], b8[k, 0])
+        assert ours[k].item() == pytest.approx(ref, abs=1e-5), k
+    assert ours[2] < 0 < ours[0] < 1
+
+
+def test_ssim_identity_and_noise():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 1, 32, 32, generator=g)
+    assert evaluation.ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    noise = torch.randn(1, 1, 32, 32, generator=g)
+    scores = [evaluation.ssim(x, (x + s * noise).clamp(0, 1)).item() for s in (0.02, 0.1, 0.3)]
+    assert 1.0 > scores[0] > scores[1] > scores[2]
+
+
+# -- Frechet distance -----------------------------------------------------------------------------
+
+def with_exact_moments(n, mean, cov, seed):
+    """n samples whose sample mean and (n-1 normalised) covariance are exactly `mean` and `cov`."""
+    rng = np.random.default_rng(seed)
+    d = len(mean)
+    z = rng.standard_normal((n, d))
+    z -= z.mean(0)
+    # whiten to sample covariance I, then colour with a Cholesky factor of cov
+    ell = np.linalg.cholesky(np.cov(z.T))
+    z = z @ np.linalg.inv(ell).T
+    return torch.from_numpy(z @ np.linalg.cholesky(cov).T + mean)
+
+
+def frechet_reference(mu1, s1, mu2, s2):
+    # tr (S1 S2)^1/2 = sum of the square roots of the eigenvalues of S1 S2 (real and >= 0 for SPD S1, S2)
+    ev = np.linalg.eigvals(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev.real.clip(0)).sum())
+
+
+def test_frechet_diagonal_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 0.25])
+    f1 = with_exact_moments(500, mu1, np.diag(v1), 0)
+    f2 = with_exact_moments(700, mu2, np.diag(v2), 1)
+    # two Gaussians with diagonal covariances: |mu1 - mu2|^2 + sum_i (sqrt(v1_i) - sqrt(v2_i))^2
+    expect = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert evaluation.frechet_distance(f1, f2) == pytest.approx(expect, rel=1e-8, abs=1e-8)
+
+
+def test_frechet_general_covariances():
+    rng = np.random.default_rng(3)
+    d = 6
+    a1, a2 = rng.standard_normal((d, d)), rng.standard_normal((d, d))
+    s1, s2 = a1 @ a1.T + 0.1 * np.eye(d), a2 @ a2.T + 0.1 * np.eye(d)  # non-commuting SPD matrices
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    f1, f2 = with_exact_moments(300, mu1, s1, 4), with_exact_moments(200, mu2, s2, 5)
+    ours = evaluation.frechet_distance(f1, f2)
+    assert ours == pytest.approx(frechet_reference(mu1, s1, mu2, s2), rel=1e-7)
+    # symmetric in its arguments, and float32 input gives the same up to float32 rounding
+    assert evaluation.frechet_distance(f2, f1) == pytest.approx(ours, rel=1e-7)
+    assert evaluation.frechet_distance(f1.float(), f2.float()) == pytest.approx(ours, rel=1e-4)
+
+
+def test_frechet_identical_sets_and_sample_estimate():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(400, 16, generator=g)
+    assert abs(evaluation.frechet_distance(f, f)) < 1e-8
+    assert abs(evaluation.frechet_distance(f, f.flip(0))) < 1e-8  # order does not matter
+    # independent samples of N(0, I) vs N(0, 4 I): closed form d * (1 - 2)^2 = d, up to sampling error
+    a = torch.randn(20000, 4, generator=g)
+    b = 2 * torch.randn(20000, 4, generator=g)
+    assert evaluation.frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+
+
+def test_frechet_rank_deficient():
+    # fewer samples than dimensions (a singular covariance) must still give a finite number
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = torch.randn(5, 32, generator=g), torch.randn(5, 32, generator=g) + 1
+    fd = evaluation.frechet_distance(f1, f2)
+    assert math.isfinite(fd) and fd > 0
+
+
+# -- controllability ------------------------------------------------------------------------------
+
+class GreyDepth(nn.Module):
+    """A stand-in depth model: brightness of the input in [-1, 1] as (positive) depth."""
+    input_size = None
+
+    def forward(self, x):
+        return (x.mean(1, keepdim=True) + 1) / 2 + 1e-3
+
+    def features(self, x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+
+class GreyEdges(nn.Module):
+    def forward(self, x):
+        return x.mean(1, keepdim=True)
+
+
+def test_controllability_depth_and_edges():
+    g = torch.Generator().manual_seed(0)
+    label = torch.rand(3, 1, 32, 32, generator=g)
+    label = label / label.flatten(1).amax(1).view(-1, 1, 1, 1)
+    images = label.expand(-1, 3, -1, -1).clone()   # images whose "depth" is exactly the label
+    rmse = evaluation.controllability("depth", GreyDepth(), images, label)
+    assert rmse.shape == (3,)
+    assert rmse.max().item() < 1.0  # only the 1e-3 offset and per-image max normalisation differ
+    worse = evaluation.controllability("depth", GreyDepth(), images.flip(-1), label)
+    assert torch.all(worse > 20)
+
+    edges = evaluation.controllability("hed", GreyEdges(), images, label)
+    assert edges.shape == (3,) and torch.allclose(edges, torch.ones(3), atol=1e-5)
+    assert torch.all(evaluation.controllability("lineart", GreyEdges(), images.flip(-1), label) < 0.5)
+
+
+def test_evaluator_features_batches():
+    x = torch.rand(10, 3, 16, 16)
+    f = evaluation.evaluator_features(GreyDepth(), x, batch=3)
+    assert f.shape == (10, 6)
+    torch.testing.assert_close(f, GreyDepth().features(x * 2 - 1))
+
+
+def test_generate_images_shapes_and_order():
+    import controlnet
+    import model
+    torch.manual_seed(0)
+    tok = model.Tokenizer.word_level(["a", "red", "blue", "sphere", "box"], max_len=8)
+    cfg = model.tiny()
+    cfg.text = model.TextConfig(vocab_size=tok.vocab_size, width=64, layers=1, heads=2, max_len=8, mlp_dim=64)
+    sd = model.StableDiffusion(cfg, tok).eval()
+    net = controlnet.ControlNet.from_unet(sd.unet).eval()
+    controls = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red sphere", "a blue box"]
+    imgs = evaluation.generate_images(sd, prompts, controls, net, steps=2, guidance=3.0, images_per_cond=2, batch=1)
+    assert imgs.shape == (4, 3, 64, 64) and imgs.dtype == torch.float32
+    assert imgs.min() >= 0 and imgs.max() <= 1
+    assert not torch.equal(imgs[0], imgs[1])  # two images of one condition: different noise
+    # deterministic for a seed
+    again = evaluation.generate_images(sd, prompts, controls, net, steps=2, guidance=3.0, images_per_cond=2, batch=1)
+    torch.testing.assert_close(imgs, again, rtol=0, atol=0)
+    base = evaluation.generate_images(sd, prompts[:1], None, None, steps=2, guidance=1.0, size=64)
+    assert base.shape == (1, 3, 64, 64)
+
+
+def test_main_end_to_end(tmp_path, capsys):
+    """`python eval.py` on tiny files of each kind: a Stable Diffusion file, a ControlNet, a DPT folder in
+    the transformers layout, an imagefolder dataset; writes one score per generated image."""
+    import controlnet
+    import data
+    import model
+    import reward
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    tok = model.Tokenizer.word_level(data.SHAPES_VOCAB, max_len=8)
+    cfg = model.tiny()
+    cfg.text = model.TextConfig(vocab_size=tok.vocab_size, width=64, layers=1, heads=2, max_len=8, mlp_dim=64)
+    sd = model.StableDiffusion(cfg, tok).eval()
+    model.save_sd(sd, tmp_path / "sd.safetensors")
+    controlnet.save_controlnet(controlnet.ControlNet.from_unet(sd.unet), tmp_path / "cn.safetensors")
+    dpt_cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                   patch_size=8, backbone_out_indices=[0, 1, 0, 1], neck_hidden_sizes=[8, 16, 32, 32],
+                   fusion_hidden_size=16)
+    dpt = reward.DPT(reward.DPTConfig.from_dict(dpt_cfg))
+    (tmp_path / "dpt").mkdir()
+    (tmp_path / "dpt" / "config.json").write_text(json.dumps(dpt_cfg))
+    save_file({k: v.contiguous() for k, v in dpt.state_dict().items()}, str(tmp_path / "dpt" / "model.safetensors"))
+    data.write_shapes_dataset(tmp_path / "val", 3, seed=0, size=64)
+    evaluation.main(["--control", "depth", "--weights", str(tmp_path / "sd.safetensors"),
+                     "--controlnet", str(tmp_path / "cn.safetensors"), "--data", str(tmp_path / "val"),
+                     "--evaluator", str(tmp_path / "dpt"), "--num", "2", "--images-per-cond", "2", "--steps", "2",
+                     "--resolution", "64", "--device", "cpu", "--out", str(tmp_path / "scores.json")])
+    assert "depth RMSE (8-bit)" in capsys.readouterr().out
+    scores = json.load(open(tmp_path / "scores.json"))["values"]
+    assert len(scores) == 4 and all(0 <= s <= 255 for s in scores)

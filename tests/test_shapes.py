@@ -1,0 +1,238 @@
+"""The shapes world end to end at smoke scale (SHAPES_SMOKE=1: every stage a few steps, 64 px renders):
+`python train.py --control depth` runs every stage, prints the table, writes loadable checkpoints,
+figures and results; a rerun reuses the finished stages; --fresh starts over; Ctrl-C mid-stage and
+a rerun continue from the stage's last checkpoint."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import controlnet
+import model
+import probe as probe_mod
+import shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One thread: the smoke stages run tiny ops, and on a busy machine two OpenMP threads that wait on
+# each other slow them down many times over.
+ENV = dict(os.environ, SHAPES_SMOKE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+ENV.pop("SHAPES_PRESET", None)
+
+ROWS = ["base model, no ControlNet", "ControlNet (stage 5, before fine-tuning)", "ControlNet (+2 steps)",
+        "ControlNet++ (+2 steps)", "InnerControl (+2 steps)"]
+STAGES = ["data", "vae", "base", "annotators/reward", "annotators/evaluator", "controlnet", "probe"] + \
+    [f"finetune/{m}-seed{s}" for m in shapes.METHODS for s in shapes.SMOKE["seeds"]] + ["eval"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The ops here are tiny: on a busy machine two OpenMP threads that wait on each other cost many
+    times what one thread does."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def command(out, *extra):
+    return [sys.executable, os.path.join(REPO, "train.py"), "--control", "depth", "--out", str(out), *extra]
+
+
+def run(out, *extra, preset=None, timeout=600):
+    env = dict(ENV, **({"SHAPES_PRESET": json.dumps(preset)} if preset else {}))
+    t0 = time.perf_counter()
+    p = subprocess.run(command(out, *extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p, time.perf_counter() - t0
+
+
+def table_lines(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("| ")]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes") / "run"
+    p, seconds = run(out)
+    return out, p, seconds
+
+
+def test_every_stage_runs_and_prints_the_table(smoke):
+    out, p, _ = smoke
+    for n in range(1, 9):
+        assert f"\n{n}/8 " in "\n" + p.stdout, f"stage {n} not announced"
+    assert "done, reusing" not in p.stdout
+    for stage in STAGES:
+        assert os.path.exists(os.path.join(out, stage, "done.json")), stage
+    lines = table_lines(p.stdout)
+    assert lines[0].startswith("| method | depth RMSE")
+    for name in ROWS:
+        row = [line for line in lines if line.startswith(f"| {name} |")]
+        assert len(row) == 1, name
+        cells = [c.strip() for c in row[0].strip("|").split("|")]
+        rmse = float(cells[1].split("±")[0])
+        assert 0 <= rmse <= 255
+        # the fine-tuned rows are mean ± std over the seeds
+        assert ("±" in cells[1]) == ("steps)" in name)
+    buckets = [line.split("|")[1].strip() for line in lines if re.fullmatch(r"\d+-\d+", line.split("|")[1].strip())]
+    assert buckets == ["0-200", "200-400", "400-600", "600-800", "800-1000"]
+
+
+def test_checkpoints_load(smoke):
+    out = smoke[0]
+    sd = model.load_sd(os.path.join(out, "base", "sd.safetensors"))
+    vae_info = json.load(open(os.path.join(out, "vae", "done.json")))
+    assert sd.vae.cfg.scaling_factor == pytest.approx(vae_info["scaling_factor"])
+    assert sd.vae.cfg.ch == shapes.PRESET["vae_ch"]
+    # the word-level tokenizer travels in the file: BOS + 7 words + EOS
+    assert sd.tokenizer is not None and sd.tokenizer.count_tokens("a red sphere and a blue box") == 9
+    # the base model carries the VAE of stage 2 unchanged
+    vae_ck = torch.load(os.path.join(out, "vae", "checkpoint.pt"), weights_only=True)["modules"][0]
+    for k, v in sd.vae.state_dict().items():
+        torch.testing.assert_close(v, vae_ck[k], rtol=0, atol=0)
+
+    x = torch.randn(1, 4, 8, 8)
+    context = sd.encode_prompt(["a red sphere"])
+    hint = torch.rand(1, 3, 64, 64)
+    start = controlnet.load_controlnet(os.path.join(out, "controlnet", "controlnet.safetensors"), sd.unet.config)
+    residuals = start(x, 500, context, hint)
+    assert len(residuals) == 13 and residuals[0].shape == (1, 32, 8, 8)
+    # stage 5 trained the zero convs away from zero: the ControlNet acts on the UNet
+    assert residuals[-1].abs().max() > 0
+    start_sd = start.state_dict()
+    for method in shapes.METHODS:
+        for seed in shapes.SMOKE["seeds"]:
+            net = controlnet.load_controlnet(os.path.join(out, "finetune", f"{method}-seed{seed}",
+                                                          "controlnet.safetensors"), sd.unet.config)
+            moved = max((v - start_sd[k]).abs().max().item() for k, v in net.state_dict().items())
+            assert moved > 0, f"{method} seed {seed} did not change the ControlNet"
+
+    probe = probe_mod.load_probe(os.path.join(out, "probe", "probe.safetensors"))
+    with torch.no_grad():
+        _, feats = sd.unet(x, 500, context, control=residuals, return_features=True)
+        assert probe(feats).shape == (1, 3, 8, 8)
+
+    w = shapes.PRESET["annotator_width"]
+    for name, net in (("reward", shapes.ToyAnnotatorUNet(w)), ("evaluator", shapes.ToyAnnotatorDilated(w))):
+        net.load_state_dict(torch.load(os.path.join(out, "annotators", name, "checkpoint.pt"),
+                                       weights_only=True)["modules"][0])
+        assert net.eval()(torch.rand(2, 3, 64, 64) * 2 - 1).shape == (2, 1, 64, 64)
+
+
+def test_figures_are_pngs(smoke):
+    out = smoke[0]
+    k = min(4, shapes.SMOKE["n_test"])
+    for name, columns in (("figure.png", 4), ("probe_figure.png", 11)):
+        with Image.open(os.path.join(out, name)) as im:
+            im.verify()
+        with Image.open(os.path.join(out, name)) as im:
+            assert im.format == "PNG" and im.mode == "RGB"
+            assert im.size == (columns * 96, 16 + k * 96)
+            # not blank: the tiles hold images
+            lo, hi = im.convert("L").getextrema()
+            assert hi - lo > 50
+
+
+def test_results_json(smoke):
+    res = json.load(open(os.path.join(smoke[0], "results.json")))
+    assert [r["method"] for r in res["table"]] == ROWS
+    assert [len(r["score"]) for r in res["table"]] == [1, 1] + [len(shapes.SMOKE["seeds"])] * 3
+    for r in res["table"]:
+        assert all(0 <= s <= 255 for s in r["score"])
+        assert all(math.isfinite(f) for f in r["fd"])
+    assert [b["bucket"] for b in res["probe_by_timestep"]] == ["0-200", "200-400", "400-600", "600-800", "800-1000"]
+    assert res["preset"]["size"] == 64 and res["preset"]["finetune_steps"] == 2
+    assert set(res["seconds"]) == set(STAGES)
+
+
+def test_rerun_reuses_finished_stages(smoke):
+    out, first, first_seconds = smoke
+    checkpoints = {s: os.path.getmtime(os.path.join(out, s, "done.json")) for s in STAGES}
+    before = open(os.path.join(out, "results.json")).read()
+    p, seconds = run(out)
+    assert p.stdout.count("done, reusing") == len(STAGES)
+    assert "resumed from" not in p.stdout
+    assert table_lines(p.stdout) == table_lines(first.stdout)
+    assert open(os.path.join(out, "results.json")).read() == before
+    assert {s: os.path.getmtime(os.path.join(out, s, "done.json")) for s in STAGES} == checkpoints
+    assert seconds < first_seconds
+
+
+def test_fresh_then_ctrl_c_then_rerun_resumes(smoke):
+    out = smoke[0]
+    probe_ck = os.path.join(out, "probe", "checkpoint.pt")
+    # --fresh: everything is redone; the probe stage is made long enough to be interrupted in
+    t0 = time.time()
+    env = dict(ENV, SHAPES_PRESET=json.dumps({"probe_steps": 10_000}))
+    proc = subprocess.Popen(command(out, "--fresh"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (os.path.exists(probe_ck) and os.path.getmtime(probe_ck) >= t0):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "the probe stage never wrote a checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "interrupted" in stderr
+    assert "done, reusing" not in stdout  # --fresh retrained every stage before the probe
+    for stage in ("data", "vae", "base", "controlnet"):
+        assert os.path.getmtime(os.path.join(out, stage, "done.json")) >= t0
+    assert not os.path.exists(os.path.join(out, "probe", "done.json"))
+    assert not os.path.exists(os.path.join(out, "finetune")) and not os.path.exists(os.path.join(out, "results.json"))
+    step = torch.load(probe_ck, weights_only=True)["step"]
+    assert step >= 1
+    log_path = os.path.join(out, "probe", "log.jsonl")
+    logged = [json.loads(line) for line in open(log_path)]
+
+    # the rerun continues the probe from its checkpoint and finishes the pipeline
+    p, _ = run(out, preset={"probe_steps": step + 2})
+    assert f"resumed from {probe_ck} at step {step}" in p.stdout
+    assert p.stdout.count("done, reusing") == 6  # data, vae, base, the two annotators, controlnet
+    assert torch.load(probe_ck, weights_only=True)["step"] == step + 2
+    rows = [json.loads(line) for line in open(log_path)]
+    assert [r["step"] for r in rows] == list(range(1, step + 3))
+    assert rows[:len(logged)] == logged  # the interrupted run's log was continued, not restarted
+    assert [line for line in table_lines(p.stdout) if line.startswith("| InnerControl")]
+    assert os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_fit_resumes_where_it_stopped(tmp_path):
+    """shapes.fit (the VAE, base and annotator stages): Ctrl-C at step 5, rerun, same weights as one run."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Linear(8, 2)
+
+    def loss_fn_for(net, stop_at=None):
+        def loss_fn(step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+            idx = shapes.batch_indices(step, len(x), 8, 0)
+            return torch.nn.functional.mse_loss(net(x[idx]), y[idx])
+        return loss_fn
+
+    ref = make()
+    shapes.fit(str(tmp_path / "ref"), [ref], loss_fn_for(ref), 12, 1e-2, save_every=100)
+    net = make()
+    with pytest.raises(KeyboardInterrupt):
+        shapes.fit(str(tmp_path / "run"), [net], loss_fn_for(net, stop_at=5), 12, 1e-2, save_every=100)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 5
+    net = make()  # a new process: fresh weights, everything comes from the checkpoint
+    shapes.fit(str(tmp_path / "run"), [net], loss_fn_for(net), 12, 1e-2, save_every=100)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

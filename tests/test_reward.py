@@ -105,6 +105,8 @@ def test_dpt_any_size_and_bf16_autocast():
 
 def test_depth_reward_prediction_is_dpt_at_384_with_half_mean_std():
     _, dpt = reference_and_ours(HYBRID)
+    assert dpt.input_size == HYBRID["image_size"]  # the config's size (384 for both Intel models)
+    dpt.input_size = 384
     x = image(1, 3, 384, 384)
     with torch.no_grad():
         d = reward.depth_reward_prediction(dpt, x)

@@ -70,6 +70,13 @@ class ControlNet(nn.Module):
                                       for k in missing), (missing, unexpected)
         return net
 
+    def encode_hint(self, hint, checkpoint=False):
+        # NHWC: these few-channel convs on image-sized maps run ~1.4x faster that way on CPU
+        hint = hint.contiguous(memory_format=torch.channels_last)
+        if checkpoint:  # its image-sized activations are the largest of the ControlNet
+            return torch.utils.checkpoint.checkpoint(self.input_hint_block, hint, use_reentrant=False)
+        return self.input_hint_block(hint)
+
     def forward(self, x, t, context, hint, scale=1.0):
         """13 residuals for the UNet: one per skip connection (12 for SD1.5), then the middle block's.
 
@@ -84,7 +91,7 @@ class ControlNet(nn.Module):
         for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = run_block(block, h, emb, context, checkpoint=ckpt)
             if i == 0:  # the encoded hint joins right after conv_in (sec. 3.2)
-                h = add_rows(h, self.input_hint_block(hint))
+                h = add_rows(h, self.encode_hint(hint, ckpt))
             outs.append(zero(h))
         h = run_block(self.middle_block, h, emb, context, checkpoint=ckpt)
         outs.append(self.middle_block_out(h))

@@ -128,6 +128,43 @@ def pad_same(x, k, s):
     return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)) if ph or pw else x
 
 
+class FrozenConv2dFn(torch.autograd.Function):
+    """conv2d for a weight that needs no gradient. Autograd's own conv keeps its input for the weight's gradient even
+    when the weight is frozen; the input's gradient needs only the weight, so this keeps just that. A reward model
+    is frozen and back-propagated through (ControlNet++ sec. 3.2), so this drops most of its saved activations."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight.to(out.dtype))  # under autocast: the weight as the conv used it
+        ctx.conf = (x.shape, x.dtype, stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups = ctx.conf
+        gx = torch.nn.grad.conv2d_input(shape, w, grad.to(w.dtype), stride, padding, dilation, groups)
+        return gx.to(dtype), None, None, None, None, None, None
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d that keeps only the weight for the backward when the weight and bias are frozen."""
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if frozen and x.requires_grad and torch.is_grad_enabled() and not isinstance(padding, str):
+        return FrozenConv2dFn.apply(x, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and keys) through `conv2d`."""
+
+    def _conv_forward(self, x, weight, bias):
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(x, weight, bias)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class StdConv2d(nn.Conv2d):
     """Conv2d with weight standardisation (Qiao et al. 2019): each filter is shifted and scaled to zero mean and
     unit variance before use. Computed in fp32 so the tiny eps survives bf16/fp16 weights."""
@@ -144,7 +181,7 @@ class StdConv2d(nn.Conv2d):
         w = self.weight.float()
         var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
         w = (w - mean) * torch.rsqrt(var + self.eps)
-        return F.conv2d(x, w.to(self.weight.dtype), None, self.stride, self.padding)
+        return conv2d(x, w.to(self.weight.dtype), None, self.stride, self.padding)
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -255,10 +292,10 @@ class ViTEmbeddings(nn.Module):
             self.backbone = nn.ModuleDict(dict(bit=BiT(c.backbone)))
             if len(self.backbone.bit.out) != 3:
                 raise ValueError("DPT-Hybrid expects 3 BiT output stages")
-            self.projection = nn.Conv2d(self.backbone.bit.channels[-1], c.hidden_size, 1)
+            self.projection = Conv2d(self.backbone.bit.channels[-1], c.hidden_size, 1)
         else:
             self.patch_embeddings = nn.ModuleDict(dict(
-                projection=nn.Conv2d(c.num_channels, c.hidden_size, patch, stride=patch)))
+                projection=Conv2d(c.num_channels, c.hidden_size, patch, stride=patch)))
 
     def forward(self, x):
         if hasattr(self, "backbone"):
@@ -331,13 +368,13 @@ class ReassembleLayer(nn.Module):
 
     def __init__(self, d, channels, factor):
         super().__init__()
-        self.projection = nn.Conv2d(d, channels, 1)
+        self.projection = Conv2d(d, channels, 1)
         if factor > 1:
             self.resize = nn.ConvTranspose2d(channels, channels, int(factor), stride=int(factor))
         elif factor == 1:
             self.resize = nn.Identity()
         else:
-            self.resize = nn.Conv2d(channels, channels, 3, stride=int(1 / factor), padding=1)
+            self.resize = Conv2d(channels, channels, 3, stride=int(1 / factor), padding=1)
 
     def forward(self, x):
         return self.resize(self.projection(x))
@@ -377,8 +414,8 @@ class PreActResidual(nn.Module):
     def __init__(self, c: DPTConfig):
         super().__init__()
         f, bias = c.fusion_hidden_size, c.use_bias_in_fusion_residual is not False
-        self.convolution1 = nn.Conv2d(f, f, 3, padding=1, bias=bias)
-        self.convolution2 = nn.Conv2d(f, f, 3, padding=1, bias=bias)
+        self.convolution1 = Conv2d(f, f, 3, padding=1, bias=bias)
+        self.convolution2 = Conv2d(f, f, 3, padding=1, bias=bias)
 
     def forward(self, x):
         return x + self.convolution2(F.relu(self.convolution1(F.relu(x))))
@@ -389,7 +426,7 @@ class FusionLayer(nn.Module):
 
     def __init__(self, c: DPTConfig):
         super().__init__()
-        self.projection = nn.Conv2d(c.fusion_hidden_size, c.fusion_hidden_size, 1)
+        self.projection = Conv2d(c.fusion_hidden_size, c.fusion_hidden_size, 1)
         self.residual_layer1 = PreActResidual(c)
         self.residual_layer2 = PreActResidual(c)
 
@@ -406,7 +443,7 @@ class Neck(nn.Module):
     def __init__(self, c: DPTConfig):
         super().__init__()
         self.reassemble_stage = Reassemble(c)
-        self.convs = nn.ModuleList(nn.Conv2d(ch, c.fusion_hidden_size, 3, padding=1, bias=False)
+        self.convs = nn.ModuleList(Conv2d(ch, c.fusion_hidden_size, 3, padding=1, bias=False)
                                    for ch in c.neck_hidden_sizes)
         self.fusion_stage = nn.ModuleDict(dict(layers=nn.ModuleList(FusionLayer(c) for _ in c.neck_hidden_sizes)))
 
@@ -434,10 +471,10 @@ class DPT(nn.Module):
         self.neck = Neck(cfg)
         f = cfg.fusion_hidden_size
         self.head = nn.ModuleDict(dict(head=nn.Sequential(
-            nn.Conv2d(f, f // 2, 3, padding=1),
+            Conv2d(f, f // 2, 3, padding=1),
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-            nn.Conv2d(f // 2, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 1, 1), nn.ReLU())))
+            Conv2d(f // 2, 32, 3, padding=1), nn.ReLU(),
+            Conv2d(32, 1, 1), nn.ReLU())))
 
     def forward(self, x):
         features, grid = self.dpt(x)
@@ -452,8 +489,8 @@ class HEDBlock(nn.Module):
 
     def __init__(self, cin, cout, n):
         super().__init__()
-        self.convs = nn.Sequential(*[nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1) for i in range(n)])
-        self.projection = nn.Conv2d(cout, 1, 1)
+        self.convs = nn.Sequential(*[Conv2d(cin if i == 0 else cout, cout, 3, padding=1) for i in range(n)])
+        self.projection = Conv2d(cout, 1, 1)
 
     def forward(self, x):
         for conv in self.convs:
@@ -493,8 +530,8 @@ class HED(nn.Module):
 class LineArtResidual(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.conv_block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(),
-                                        nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch))
+        self.conv_block = nn.Sequential(nn.ReflectionPad2d(1), Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(),
+                                        nn.ReflectionPad2d(1), Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch))
 
     def forward(self, x):
         return x + self.conv_block(x)
@@ -508,13 +545,13 @@ class LineArt(nn.Module):
     def __init__(self, n_residual_blocks=3):
         super().__init__()
         IN = nn.InstanceNorm2d
-        self.model0 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 64, 7), IN(64), nn.ReLU())
-        self.model1 = nn.Sequential(nn.Conv2d(64, 128, 3, stride=2, padding=1), IN(128), nn.ReLU(),
-                                    nn.Conv2d(128, 256, 3, stride=2, padding=1), IN(256), nn.ReLU())
+        self.model0 = nn.Sequential(nn.ReflectionPad2d(3), Conv2d(3, 64, 7), IN(64), nn.ReLU())
+        self.model1 = nn.Sequential(Conv2d(64, 128, 3, stride=2, padding=1), IN(128), nn.ReLU(),
+                                    Conv2d(128, 256, 3, stride=2, padding=1), IN(256), nn.ReLU())
         self.model2 = nn.Sequential(*[LineArtResidual(256) for _ in range(n_residual_blocks)])
         up = lambda cin, cout: nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)  # exact x2
         self.model3 = nn.Sequential(up(256, 128), IN(128), nn.ReLU(), up(128, 64), IN(64), nn.ReLU())
-        self.model4 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(64, 1, 7), nn.Sigmoid())
+        self.model4 = nn.Sequential(nn.ReflectionPad2d(3), Conv2d(64, 1, 7), nn.Sigmoid())
 
     def forward(self, image):
         H, W = image.shape[-2:]

@@ -348,3 +348,63 @@ def test_reward_gradients_reach_the_image():
         assert pred.shape == (1, 1, 48, 48)
         F.mse_loss(pred, torch.zeros_like(pred)).backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def saved_bytes(fn):
+    """Bytes autograd keeps for the backward while fn() runs, and fn()'s result."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out
+
+
+@pytest.mark.parametrize("stride,padding,groups", [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, 3, 1)])
+def test_frozen_conv_keeps_only_the_weight(stride, padding, groups):
+    """A frozen conv's input gradient equals autograd's, and its input is not kept for the backward."""
+    g = torch.Generator().manual_seed(0)
+    k = 7 if padding == 3 else 3 if padding else 1
+    w, b = torch.randn(8, 8 // groups, k, k, generator=g), torch.randn(8, generator=g)
+    x0 = torch.randn(2, 8, 20, 20, generator=g)
+    grads, saved = [], []
+    for conv in (F.conv2d, reward.conv2d):
+        x = x0.clone().requires_grad_()
+        n, y = saved_bytes(lambda: conv(x, w, b, stride, padding, 1, groups))
+        y.square().sum().backward()
+        grads.append(x.grad)
+        saved.append(n)
+    assert max_rel_err(grads[1], grads[0]) < 1e-5
+    assert saved[0] >= x0.numel() * 4 and saved[1] == w.numel() * 4  # autograd keeps x; ours only the weight
+    # a trainable weight still gets its gradient (plain conv)
+    wt = w.clone().requires_grad_()
+    reward.conv2d(x0.clone().requires_grad_(), wt, b, stride, padding, 1, groups).sum().backward()
+    assert wt.grad is not None
+
+
+def test_frozen_conv_under_bf16_autocast():
+    conv = reward.Conv2d(4, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 4, 16, 16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def test_frozen_dpt_keeps_less_for_the_backward():
+    """The reward path back-propagates through the frozen DPT: its convs keep no inputs, with the same gradient."""
+    ref, dpt = reference_and_ours(HYBRID)
+    ref.requires_grad_(False)
+    dpt.requires_grad_(False)
+    x0 = image(1, 3, 64, 64) * 2 - 1
+    x_ref, x_ours = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    n_ref, y_ref = saved_bytes(lambda: ref(x_ref).predicted_depth)
+    n_ours, y_ours = saved_bytes(lambda: dpt(x_ours))
+    y_ref.square().sum().backward()
+    y_ours.square().sum().backward()
+    print(f"DPT saved for backward: ours {n_ours / 2**20:.1f} MiB, transformers {n_ref / 2**20:.1f} MiB")
+    assert max_rel_err(x_ours.grad, x_ref.grad) < 1e-4
+    assert n_ours < 0.85 * n_ref

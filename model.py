@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from unet import (UNet, UNetConfig, unet_config_from_diffusers, unet_config_from_state_dict,
+from unet import (LeanConv2d, UNet, UNetConfig, unet_config_from_diffusers, unet_config_from_state_dict,
                   unet_key_map)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -284,9 +284,9 @@ def Normalize(channels, groups):
 class ResnetBlock(nn.Module):
     def __init__(self, c_in, c_out, groups):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = Normalize(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.norm1, self.conv1 = Normalize(c_in, groups), LeanConv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(c_out, groups), LeanConv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = LeanConv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -300,7 +300,7 @@ class AttnBlock(nn.Module):
     def __init__(self, c, groups):
         super().__init__()
         self.norm = Normalize(c, groups)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+        self.q, self.k, self.v, self.proj_out = (LeanConv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -313,7 +313,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+        self.conv = LeanConv2d(c, c, 3, stride=2, padding=0)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only, then a stride-2 conv
@@ -322,7 +322,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = LeanConv2d(c, c, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -337,7 +337,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         chs, g = [cfg.ch * m for m in cfg.ch_mult], cfg.norm_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = LeanConv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         c = cfg.ch
         for i, c_out in enumerate(chs):
@@ -349,7 +349,7 @@ class Encoder(nn.Module):
             c = c_out
         self.mid = _mid(c, g)
         self.norm_out = Normalize(c, g)
-        self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
+        self.conv_out = LeanConv2d(c, 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -367,7 +367,7 @@ class Decoder(nn.Module):
         super().__init__()
         chs, g = [cfg.ch * m for m in cfg.ch_mult], cfg.norm_groups
         c = chs[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.conv_in = LeanConv2d(cfg.z_channels, c, 3, padding=1)
         self.mid = _mid(c, g)
         # up[i] is the level at resolution i (as in LDM), so it is built deepest first and run in reverse
         levels = []
@@ -381,7 +381,7 @@ class Decoder(nn.Module):
             c = chs[i]
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(c, g)
-        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.conv_out = LeanConv2d(c, cfg.in_channels, 3, padding=1)
         self.gradient_checkpointing = False  # the reward loss backpropagates through a 512 px decode
 
     @staticmethod
@@ -406,8 +406,8 @@ class VAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.quant_conv = LeanConv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = LeanConv2d(cfg.z_channels, cfg.z_channels, 1)
 
     def encode(self, x):
         """x in [-1, 1] -> (mean, logvar) of the diagonal Gaussian posterior, unscaled."""

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import CheckpointError, load_state_dict
+from unet import LeanConv2d as Conv2d, conv2d  # noqa: F401 (frozen convs keep only their weight)
 
 CONTROL_TYPES = ("depth", "hed", "lineart")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # transformers' hidden_act names (exact, erf-based GELU)
@@ -126,43 +127,6 @@ def pad_same(x, k, s):
     ph = max((math.ceil(x.shape[-2] / s) - 1) * s + k - x.shape[-2], 0)
     pw = max((math.ceil(x.shape[-1] / s) - 1) * s + k - x.shape[-1], 0)
     return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)) if ph or pw else x
-
-
-class FrozenConv2dFn(torch.autograd.Function):
-    """conv2d for a weight that needs no gradient. Autograd's own conv keeps its input for the weight's gradient even
-    when the weight is frozen; the input's gradient needs only the weight, so this keeps just that. A reward model
-    is frozen and back-propagated through (ControlNet++ sec. 3.2), so this drops most of its saved activations."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(weight.to(out.dtype))  # under autocast: the weight as the conv used it
-        ctx.conf = (x.shape, x.dtype, stride, padding, dilation, groups)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (w,) = ctx.saved_tensors
-        shape, dtype, stride, padding, dilation, groups = ctx.conf
-        gx = torch.nn.grad.conv2d_input(shape, w, grad.to(w.dtype), stride, padding, dilation, groups)
-        return gx.to(dtype), None, None, None, None, None, None
-
-
-def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """F.conv2d that keeps only the weight for the backward when the weight and bias are frozen."""
-    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    if frozen and x.requires_grad and torch.is_grad_enabled() and not isinstance(padding, str):
-        return FrozenConv2dFn.apply(x, weight, bias, stride, padding, dilation, groups)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and keys) through `conv2d`."""
-
-    def _conv_forward(self, x, weight, bias):
-        if self.padding_mode != "zeros":
-            return super()._conv_forward(x, weight, bias)
-        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class StdConv2d(nn.Conv2d):

@@ -63,18 +63,61 @@ def add_rows(a, b):
     return expand_rows(a, n) + expand_rows(b, n)
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d that runs 3x3 convs on small maps as im2col + one GEMM when on the CPU.
+class FrozenConv2dFn(torch.autograd.Function):
+    """conv2d for a weight that needs no gradient. Autograd's own conv keeps its input for the weight's
+    gradient even when the weight is frozen; the input's gradient needs only the weight, so this keeps just
+    that. Training back-propagates through frozen modules (the UNet to reach the ControlNet's residuals;
+    the VAE decoder and the reward model for ControlNet++'s reward, sec. 3.2), so this drops the saved
+    input of every one of their convs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight.to(out.dtype))  # under autocast: the weight as the conv used it
+        ctx.conf = (x.shape, x.dtype, stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups = ctx.conf
+        gx = torch.nn.grad.conv2d_input(shape, w, grad.to(w.dtype), stride, padding, dilation, groups)
+        return gx.to(dtype), None, None, None, None, None, None
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """F.conv2d that keeps only the weight for the backward when the weight and bias are frozen."""
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    if frozen and x.requires_grad and torch.is_grad_enabled() and not isinstance(padding, str):
+        return FrozenConv2dFn.apply(x, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class LeanConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and keys) through `conv2d`: when frozen, it keeps only its weight for the backward."""
+
+    def _conv_forward(self, x, weight, bias):
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(x, weight, bias)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2d(LeanConv2d):
+    """LeanConv2d that runs 3x3 convs on small maps as im2col + one GEMM when on the CPU.
 
     oneDNN's direct convolution reaches 130-150 GFLOP/s per core on the UNet's 32x32 and 64x64 maps
     but only 35-80 on the wide (1280-2560 channel) layers at 16x16 and 8x8, where each loaded weight
     is reused at too few positions; a plain matmul over the unfolded patches keeps 100-130 there
-    (measured on an AVX-512 Xeon; `python bench.py unet` shows the effect on the whole UNet).
+    (measured on an AVX-512 Xeon; `python bench.py unet` shows the effect on the whole UNet). On narrow
+    layers it is the other way round: at the shapes world's 32-128 channels a ControlNet + UNet training
+    step takes 1.36 s through the GEMM and 0.71 s through oneDNN, so the GEMM is kept for wide layers.
     """
-    gemm_max_positions = 256  # output positions per image at or below which the GEMM path is used
+    gemm_max_positions = 256  # output positions per image at or below which the GEMM path is used...
+    gemm_min_channels = 256   # ...for convs with at least this many input channels
 
     def forward(self, x):
-        if x.device.type == "cpu" and self.kernel_size == (3, 3) and self.padding == (1, 1) and self.groups == 1:
+        if x.device.type == "cpu" and self.kernel_size == (3, 3) and self.padding == (1, 1) and self.groups == 1 \
+                and self.in_channels >= self.gemm_min_channels:
             (B, _, H, W), (sh, sw) = x.shape, self.stride
             H, W = (H - 1) // sh + 1, (W - 1) // sw + 1  # output size
             if H * W <= self.gemm_max_positions:

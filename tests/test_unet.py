@@ -212,3 +212,28 @@ def test_latents_shared_by_several_prompts():
     assert max_rel_err(got, want) <= 1e-5
     assert all(a.shape == b.shape and max_rel_err(a, b) <= 1e-5 for a, b in zip(got_f.maps, want_f.maps))
     assert torch.allclose(got_f.time_emb, want_f.time_emb)
+
+
+def test_frozen_unet_keeps_less_for_the_backward(monkeypatch):
+    """Training back-propagates through the frozen UNet to reach the ControlNet: its convs keep only their
+    weights for the backward, and the gradient reaching the input is autograd's own."""
+    net = randomize_(U.UNet(TINY), 0).requires_grad_(False)
+    x0, t, ctx = inputs(TINY, 32)
+    grads, saved = [], []
+    for lean in (False, True):
+        if not lean:  # plain autograd convs
+            monkeypatch.setattr(U, "conv2d", lambda x, w, b=None, *a: torch.nn.functional.conv2d(x, w, b, *a))
+        else:
+            monkeypatch.undo()
+        x, total = x0.clone().requires_grad_(), [0]
+
+        def pack(v):
+            total[0] += v.numel() * v.element_size()
+            return v
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            y = net(x, t, ctx)
+        y.square().sum().backward()
+        grads.append(x.grad)
+        saved.append(total[0])
+    assert max_rel_err(grads[1], grads[0]) < 1e-5
+    assert saved[1] < 0.95 * saved[0]  # the conv inputs it no longer keeps (at 32x32 most convs run as GEMMs)

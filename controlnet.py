@@ -54,6 +54,14 @@ class ControlNet(nn.Module):
         self.middle_block = make_block(middle, cfg)
         self.middle_block_out = zero_conv(middle[-1][2])
         self.grad_checkpointing = False
+        # The hint encoder is new (not copied from the UNet). PyTorch's default conv init shrinks the signal
+        # at every layer, and after 7 convs the encoded hint hardly depends on the control at all: a new
+        # ControlNet then learns to ignore its control for thousands of steps. He init (He et al. 2015)
+        # keeps the control's variation alive up to the zero conv.
+        for conv in self.input_hint_block[:-1]:
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
         for conv in [self.input_hint_block[-1], *[z[0] for z in self.zero_convs], self.middle_block_out[0]]:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)

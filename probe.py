@@ -88,6 +88,11 @@ class Probe(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # ...except the last conv: He init (fan_out = 3) gives it weights of std ~0.8, its outputs start deep in
+        # tanh's flat tails and the probe hardly trains (measured on the shapes world: MSE stuck at 0.07 after 150
+        # steps, against 0.008 with this). Starting near zero puts the output at tanh's linear middle, (y+1)/2 = 0.5.
+        nn.init.normal_(self.head[-1].weight, std=1e-3)
+        nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, features):
         """features: unet.DecoderFeatures (time_emb (B, D), maps [(B, C_i, h_i, w_i)]).

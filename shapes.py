@@ -22,10 +22,13 @@ SHAPES_SMOKE=1 runs every stage for a few steps (the CI smoke test); SHAPES_PRES
 500}' overrides entries of the preset below.
 """
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -41,19 +44,21 @@ import train
 from controlnet import ControlNet, load_controlnet
 from probe import Probe, ProbeConfig, load_probe, probe_output01
 
-# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores. CPU time per
-# step on one core (ms): vae 350 (batch 8), base 590 (batch 32), annotators 190 + 200, controlnet 770,
-# probe 690, fine-tuning 770 / 850 / 1100 (ControlNet / ControlNet++ / InnerControl, batch 16), one
-# guided sampling step of 32 images 870: about 25 minutes on one core in all (see _run).
+# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores. Seconds per
+# step on one core of a quiet 2-core Xeon (batch): vae 0.65 (8), base 0.5 (32), annotators 0.3 (16),
+# controlnet 0.45, probe 0.4, fine-tuning 0.45 / 0.6 / 0.8 for ControlNet / ControlNet++ / InnerControl
+# (16). The annotators train beside the VAE and base model, the nine fine-tuning runs and the
+# evaluations two at a time, one single-threaded process per core.
 PRESET = dict(
-    size=64, n_train=1500, n_test=32, seeds=(0, 1, 2),
+    size=64, n_train=1500, n_test=64, seeds=(0, 1, 2),
     vae_ch=16, vae_steps=400, vae_batch=8, vae_lr=1e-3,
-    base_steps=400, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
+    base_steps=600, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
-    controlnet_steps=400, controlnet_batch=16, controlnet_lr=2e-4,
-    probe_steps=150, probe_batch=16, probe_lr=1e-3,
-    finetune_steps=50, finetune_batch=16, finetune_lr=1e-4,
-    eval_steps=10, guidance=5.0, save_every=100, log_every=10,
+    controlnet_steps=400, controlnet_batch=16, controlnet_lr=1e-3,
+    probe_steps=300, probe_batch=16, probe_lr=1e-3,
+    finetune_steps=100, finetune_batch=16, finetune_lr=2e-4, finetune_args=(),  # more train.py flags
+    eval_steps=10, guidance=5.0, eval_seed=0, save_every=100, log_every=10,
+    workers=None,  # worker processes for the independent runs (None: one per core)
 )
 # Every stage a few steps at the smallest size the UNet takes (64 px: 8x8 latents, three downsamplings).
 SMOKE = dict(size=64, n_train=16, n_test=4, seeds=(0, 1),
@@ -71,6 +76,8 @@ def preset():
     if os.environ.get("SHAPES_PRESET"):
         P.update(json.loads(os.environ["SHAPES_PRESET"]))
     P["seeds"] = tuple(P["seeds"])
+    if P["workers"] is None:
+        P["workers"] = max(1, min(os.cpu_count() or 1, len(METHODS) * len(P["seeds"])))
     return P
 
 
@@ -318,50 +325,67 @@ def stage_base(root, P, cfg, tokenizer, vae, images, texts):
     return sd
 
 
-def stage_annotators(root, P, control, images, truths):
-    """The reward model and the evaluator, both trained to read the exact control from the image
-    through the same function training and evaluation call (reward.reward_prediction)."""
-    d = os.path.join(root, "annotators")
+ANNOTATORS = {"reward": ToyAnnotatorUNet, "evaluator": ToyAnnotatorDilated}
+
+
+def train_annotator(root, P, control, name, i, images=None, truths=None):
+    """One toy annotator (stage 4), trained to read the exact control from the image through the
+    same function training and evaluation call (reward.reward_prediction)."""
+    sub = os.path.join(root, "annotators", name)
+    if images is None:
+        images, _, truths, _ = load_arrays(os.path.join(root, "data", "train"), control, P["size"])
     kind = "depth" if control == "depth" else "edges"
-    w = P["annotator_width"]
-    make = {"reward": lambda: ToyAnnotatorUNet(w, kind), "evaluator": lambda: ToyAnnotatorDilated(w, kind)}
     target = reward.depth_label(truths) if control == "depth" else truths[:, :1]
     images01 = (images + 1) / 2
-    nets = []
-    for i, name in enumerate(make):
-        sub = os.path.join(d, name)
-        torch.manual_seed(100 + i)
-        net = make[name]()
-        what = f"{type(net).__name__}, {P['annotator_steps']} steps, batch {P['annotator_batch']}"
+    torch.manual_seed(100 + i)
+    net = ANNOTATORS[name](P["annotator_width"], kind)
+    t0 = time.perf_counter()
+
+    def loss_fn(step):
+        idx = batch_indices(step, len(images), P["annotator_batch"], 30 + i)
+        return F.mse_loss(reward.reward_prediction(control, net, images01[idx]), target[idx])
+
+    loss, step_time = fit(sub, [net], loss_fn, P["annotator_steps"], P["annotator_lr"], P["save_every"], desc=name)
+    mark_done(sub, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
+    return sub
+
+
+def annotator_todo(root, P):
+    todo = []
+    for name in ANNOTATORS:
+        sub = os.path.join(root, "annotators", name)
+        what = f"{ANNOTATORS[name].__name__}, {P['annotator_steps']} steps, batch {P['annotator_batch']}"
         if not header(4, f"annotators/{name}", sub, what):
-            t0 = time.perf_counter()
+            todo.append(name)
+    return todo
 
-            def loss_fn(step, net=net, i=i):
-                idx = batch_indices(step, len(images), P["annotator_batch"], 30 + i)
-                return F.mse_loss(reward.reward_prediction(control, net, images01[idx]), target[idx])
 
-            loss, step_time = fit(sub, [net], loss_fn, P["annotator_steps"], P["annotator_lr"], P["save_every"],
-                                  desc=name)
-            mark_done(sub, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
-        net.load_state_dict(train.load_checkpoint(os.path.join(sub, "checkpoint.pt"), "cpu")["modules"][0])
+def load_annotators(root, P, control):
+    """The reward model and the evaluator, frozen (their training: train_annotator)."""
+    kind = "depth" if control == "depth" else "edges"
+    nets = []
+    for name, cls in ANNOTATORS.items():
+        net = cls(P["annotator_width"], kind)
+        net.load_state_dict(train.load_checkpoint(os.path.join(root, "annotators", name, "checkpoint.pt"),
+                                                  "cpu")["modules"][0])
         nets.append(net.requires_grad_(False).eval())
     return nets
 
 
-def train_args(out, P, method, stage, control, steps, batch, lr, seed):
+def train_args(out, P, method, stage, control, steps, batch, lr, seed, extra=()):
     argv = ["--method", method, "--stage", stage, "--control", control, "--out", out,
             "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed),
             "--resolution", str(P["size"]), "--num-workers", "0", "--device", "cpu",
             "--sample-every", "0", "--log-every", str(P["log_every"]), "--save-every", str(P["save_every"]),
             "--warmup-steps", "10", "--resume"]
-    return train.parse_args(argv)
+    return train.parse_args(argv + list(extra))
 
 
 def run_train_stage(out, P, sd, controlnet, probe, reward_model, dataset, method, stage, control, steps, batch,
-                    lr, seed):
+                    lr, seed, extra=()):
     """One call of train.train with the shapes-world models (resuming OUT/checkpoint.pt if there is
     one); returns the path of the trained ControlNet or probe and the mean step time."""
-    args = train_args(out, P, method, stage, control, steps, batch, lr, seed)
+    args = train_args(out, P, method, stage, control, steps, batch, lr, seed, extra)
     models = train.Models(args, sd, controlnet, probe, reward_model,
                           annotator=reward_model if control != "depth" else None)
     ds = data.ControlDataset(dataset, P["size"], control_column=control_column(control))
@@ -409,20 +433,111 @@ def stage_probe(root, P, sd, controlnet_path, reward_model, train_dir, control):
     return os.path.join(d, "probe.safetensors")
 
 
-def stage_finetune(root, P, sd, controlnet_path, probe_path, reward_model, train_dir, control):
-    results = {}
-    for method in METHODS:
-        for seed in P["seeds"]:
-            d = os.path.join(root, "finetune", f"{method}-seed{seed}")
-            what = f"from stage 5, {P['finetune_steps']} steps, batch {P['finetune_batch']}"
-            if not header(7, f"finetune {NAMES[method]}, seed {seed}", d, what):
-                probe = load_probe(probe_path) if method == "innercontrol" else None
-                _, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model,
-                                             train_dir, method, "finetune", control, P["finetune_steps"],
-                                             P["finetune_batch"], P["finetune_lr"], seed)
-                mark_done(d, seconds=seconds, step_time=log_step_time(d))
-            results[(method, seed)] = os.path.join(d, "controlnet.safetensors")
-    return results
+def finetune_dir(root, method, seed):
+    return os.path.join(root, "finetune", f"{method}-seed{seed}")
+
+
+def finetune_one(root, P, control, method, seed, sd=None, reward_model=None):
+    """One fine-tuning run (stage 7) from the stage-5 ControlNet. Loads what it needs from the
+    finished stages when not given them, so that it can run in a worker process."""
+    d = finetune_dir(root, method, seed)
+    if sd is None:
+        sd = model.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
+        reward_model = load_annotators(root, P, control)[0]
+    probe = load_probe(os.path.join(root, "probe", "probe.safetensors")) if method == "innercontrol" else None
+    _, seconds = run_train_stage(d, P, sd, load_controlnet(os.path.join(root, "controlnet", "controlnet.safetensors")),
+                                 probe, reward_model, os.path.join(root, "data", "train"), method, "finetune", control,
+                                 P["finetune_steps"], P["finetune_batch"], P["finetune_lr"], seed,
+                                 P["finetune_args"])  # e.g. ["--alpha", "0.5"]
+    mark_done(d, seconds=seconds, step_time=log_step_time(d))
+    return d
+
+
+def stage_finetune(root, P, sd, reward_model, control):
+    """ControlNet, ControlNet++ and InnerControl from the same start, with the same seeds: the same
+    batches, timesteps and noise for the three methods. The runs are independent, so they share
+    the cores: one single-threaded worker process per core (the ops are small, and one process per
+    core beats threads that wait on each other)."""
+    jobs = [(m, s) for m in METHODS for s in P["seeds"]]
+    todo = []
+    for method, seed in jobs:
+        d = finetune_dir(root, method, seed)
+        if not header(7, f"finetune {NAMES[method]}, seed {seed}", d,
+                      f"from stage 5, {P['finetune_steps']} steps, batch {P['finetune_batch']}"):
+            todo.append((method, seed))
+    if P["workers"] > 1 and len(todo) > 1:
+        print(f"  {len(todo)} runs in {P['workers']} worker processes (progress in each run's console.txt)",
+              flush=True)
+        run_in_workers(P["workers"], [(finetune_one, (root, P, control, m, s)) for m, s in todo],
+                       [os.path.join(finetune_dir(root, m, s), "console.txt") for m, s in todo],
+                       [f"finetune {NAMES[m]}, seed {s}" for m, s in todo])
+    else:
+        for method, seed in todo:
+            finetune_one(root, P, control, method, seed, sd, reward_model)
+    return {(m, s): os.path.join(finetune_dir(root, m, s), "controlnet.safetensors") for m, s in jobs}
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes: independent runs (the fine-tuning runs, the annotators) on separate cores.
+
+def _worker_init():
+    torch.set_num_threads(1)
+
+    def interrupted(signum, frame):  # the first Ctrl-C stops the run (it saves a checkpoint); later ones wait
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, interrupted)
+
+
+def _worker_call(fn, args, console):
+    """Run fn(*args) with stdout and stderr (its progress bars) going to the file `console`."""
+    os.makedirs(os.path.dirname(console), exist_ok=True)
+    with open(console, "a", buffering=1) as f:
+        sys.stdout, sys.stderr = f, f
+        try:
+            return fn(*args)
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+
+class Workers:
+    """Calls [(fn, args)] running in n spawned single-threaded processes, each call's output going to
+    its console file. wait() prints one line per finished call. On Ctrl-C (or any error) stop()
+    tells every worker to stop; each saves its checkpoint before the interrupt goes on."""
+
+    def __init__(self, n, calls, consoles, names):
+        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        self.t0, self.consoles, self.names = time.perf_counter(), consoles, names
+        self.futures = [self.pool.submit(_worker_call, fn, args, console)
+                        for (fn, args), console in zip(calls, consoles)]
+
+    def wait(self):
+        """The calls' results, in order."""
+        results = []
+        try:
+            for fut, name, console in zip(self.futures, self.names, self.consoles):
+                try:
+                    results.append(fut.result())
+                except Exception as e:
+                    raise RuntimeError(f"{name} failed ({type(e).__name__}: {e}); its output is in {console}") from e
+                print(f"  {name}: done ({time.perf_counter() - self.t0:.0f} s)", flush=True)
+        except BaseException:
+            self.stop()
+            raise
+        self.pool.shutdown(wait=True)
+        return results
+
+    def stop(self):
+        for fut in self.futures:
+            fut.cancel()
+        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGINT)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_in_workers(n, calls, consoles, names):
+    return Workers(n, calls, consoles, names).wait()
 
 
 @torch.no_grad()
@@ -468,35 +583,51 @@ def save_figure(path, columns, headers, size=96):
     canvas.save(path)
 
 
+@torch.no_grad()
+def evaluate_one(root, P, control, controlnet_path, sd=None, evaluator=None):
+    """Generate the held-out scenes (with the ControlNet at controlnet_path, or none) and score them:
+    returns (images, controllability, Frechet distance to the real renders on the evaluator's features)."""
+    if sd is None:  # in a worker process
+        sd = model.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
+        evaluator = load_annotators(root, P, control)[1]
+    images, conds, _, texts = load_arrays(os.path.join(root, "data", "test"), control, P["size"])
+    reward_model = None if control == "depth" else load_annotators(root, P, control)[0]
+    label = reward.make_label(control, reward_model, conds)
+    cond = reward.control_image(control, label, conds)
+    controlnet = load_controlnet(controlnet_path) if controlnet_path else None
+    # every row starts from the same initial noise (seed P["eval_seed"]): the rows differ only in their
+    # ControlNet, and the spread over the fine-tuning seeds is the training's, not the sampler's
+    gen = evaluation.generate_images(sd, texts, cond if controlnet is not None else None, controlnet,
+                                     steps=P["eval_steps"], guidance=P["guidance"], seed=P["eval_seed"],
+                                     size=P["size"])
+    score = evaluation.controllability(control, evaluator, gen, label).mean().item()
+    real = evaluation.evaluator_features(evaluator, (images + 1) / 2)
+    fd = evaluation.frechet_distance(evaluation.evaluator_features(evaluator, gen), real)
+    return gen, score, fd
+
+
 def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model, evaluator, test_dir, control):
     d = os.path.join(root, "eval")
     t0 = time.perf_counter()
     images, conds, _, texts = load_arrays(test_dir, control, P["size"])
     label = reward.make_label(control, None if control == "depth" else reward_model, conds)
     cond = reward.control_image(control, label, conds)
-    real_features = evaluation.evaluator_features(evaluator, (images + 1) / 2)
-
-    def measure(controlnet, seed):
-        gen = evaluation.generate_images(sd, texts, cond if controlnet is not None else None, controlnet,
-                                         steps=P["eval_steps"], guidance=P["guidance"], seed=seed, size=P["size"])
-        score = evaluation.controllability(control, evaluator, gen, label).mean().item()
-        fd = evaluation.frechet_distance(evaluation.evaluator_features(evaluator, gen), real_features)
-        return gen, score, fd
-
-    table, gens = [], {}
-    _, score, fd = measure(None, 0)
-    table.append(("base model, no ControlNet", [score], [fd]))
-    gens["start"], score, fd = measure(load_controlnet(controlnet_path), 0)
-    table.append(("ControlNet (stage 5, before fine-tuning)", [score], [fd]))
+    runs = [("base", None, 0), ("start", controlnet_path, 0)] + \
+        [(method, finetuned[(method, seed)], seed) for method in METHODS for seed in P["seeds"]]
+    if P["workers"] > 1:
+        print(f"  {len(runs)} evaluations in {P['workers']} worker processes", flush=True)
+        out = Workers(P["workers"], [(evaluate_one, (root, P, control, path)) for _, path, _ in runs],
+                      [os.path.join(d, "console.txt")] * len(runs),
+                      [f"eval {name}, seed {seed}" for name, _, seed in runs]).wait()
+    else:
+        out = [evaluate_one(root, P, control, path, sd, evaluator) for _, path, _ in runs]
+    results = {(name, seed): r for (name, _, seed), r in zip(runs, out)}
+    table = [("base model, no ControlNet", [results["base", 0][1]], [results["base", 0][2]]),
+             ("ControlNet (stage 5, before fine-tuning)", [results["start", 0][1]], [results["start", 0][2]])]
     for method in METHODS:
-        scores, fds = [], []
-        for seed in P["seeds"]:
-            gen, score, fd = measure(load_controlnet(finetuned[(method, seed)]), seed)
-            scores.append(score)
-            fds.append(fd)
-            if seed == P["seeds"][0]:
-                gens[method] = gen
-        table.append((f"{NAMES[method]} (+{P['finetune_steps']} steps)", scores, fds))
+        table.append((f"{NAMES[method]} (+{P['finetune_steps']} steps)",
+                      [results[method, s][1] for s in P["seeds"]], [results[method, s][2] for s in P["seeds"]]))
+    gens = {method: results[method, P["seeds"][0]][0] for method in METHODS}
 
     probe_rows = probe_error_by_timestep(sd, load_controlnet(controlnet_path), load_probe(probe_path), reward_model,
                                          conds, images, texts, control)
@@ -587,19 +718,38 @@ def _run(root, control):
               "OMP_NUM_THREADS=1 (the default) until it is quiet")
     train_dir, test_dir = stage_data(root, P, control)
     images, _, truths, texts = load_arrays(train_dir, control, P["size"])
-    tokenizer = model.Tokenizer.word_level(data.SHAPES_VOCAB)
-    cfg = shapes_config(P, tokenizer.vocab_size, max_len=16)
-    tokenizer.max_len = cfg.text.max_len
-    vae = stage_vae(root, P, cfg, images)
-    sd = stage_base(root, P, cfg, tokenizer, vae, images, texts)
-    sd.requires_grad_(False).eval()
-    reward_model, evaluator = stage_annotators(root, P, control, images, truths)
+    # stage 4 needs only the data: with a second core its annotators train beside stages 2 and 3
+    todo, background = annotator_todo(root, P), None
+    if todo and P["workers"] > 1:
+        print("  annotators train in a worker process beside stages 2-3 (progress in annotators/*/console.txt)",
+              flush=True)
+        background = Workers(1, [(train_annotator, (root, P, control, name, list(ANNOTATORS).index(name)))
+                                 for name in todo],
+                             [os.path.join(root, "annotators", name, "console.txt") for name in todo],
+                             [f"4/8 annotators/{name}" for name in todo])
+    try:
+        tokenizer = model.Tokenizer.word_level(data.SHAPES_VOCAB)
+        cfg = shapes_config(P, tokenizer.vocab_size, max_len=16)
+        tokenizer.max_len = cfg.text.max_len
+        vae = stage_vae(root, P, cfg, images)
+        sd = stage_base(root, P, cfg, tokenizer, vae, images, texts)
+        sd.requires_grad_(False).eval()
+        if background is not None:
+            background.wait()
+        else:
+            for name in todo:
+                train_annotator(root, P, control, name, list(ANNOTATORS).index(name), images, truths)
+    except BaseException:
+        if background is not None:
+            background.stop()
+        raise
+    reward_model, evaluator = load_annotators(root, P, control)
     stages = [os.path.join(root, s) for s in ("controlnet", "probe")] + \
-        [os.path.join(root, "finetune", f"{m}-seed{s}") for m in METHODS for s in P["seeds"]]
+        [finetune_dir(root, m, s) for m in METHODS for s in P["seeds"]]
     all_done = all(stage_done(s) for s in stages)
     cn_path = stage_controlnet(root, P, sd, reward_model, train_dir, control)
     probe_path = stage_probe(root, P, sd, cn_path, reward_model, train_dir, control)
-    finetuned = stage_finetune(root, P, sd, cn_path, probe_path, reward_model, train_dir, control)
+    finetuned = stage_finetune(root, P, sd, reward_model, control)
     results_path = os.path.join(root, "results.json")
     if all_done and stage_done(os.path.join(root, "eval")) and os.path.exists(results_path):
         print(f"8/8 eval: done, reusing {results_path}")

@@ -251,3 +251,18 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     for ra, rb in zip(a, b):
         for k in ("loss_diffusion", "loss_reward", "loss_align"):
             assert abs(ra[k] - rb[k]) <= 1e-5, (k, ra[k], rb[k])
+
+
+def test_probe_starts_in_tanh_linear_range():
+    """The head's last conv starts near zero: with He init (fan_out = 3) the output starts deep in
+    tanh's flat tails, where the probe barely trains."""
+    torch.manual_seed(0)
+    cfg = ProbeConfig(feature_channels=(64, 64, 32), time_dim=128, out_channels=3, norm_groups=8)
+    probe = Probe(cfg)
+    from unet import DecoderFeatures
+    maps = [torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4), torch.randn(2, 32, 8, 8)]
+    feats = DecoderFeatures(torch.randn(2, 128), maps)
+    y = probe(feats)
+    assert y.abs().max() < 0.1
+    y.square().sum().backward()
+    assert probe.blocks[0].conv1.weight.grad.abs().max() > 0  # the gradient gets through the head

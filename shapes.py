@@ -44,11 +44,12 @@ import train
 from controlnet import ControlNet, load_controlnet
 from probe import Probe, ProbeConfig, load_probe, probe_output01
 
-# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores. Seconds per
-# step on one core of a quiet 2-core Xeon (batch): vae 0.65 (8), base 0.5 (32), annotators 0.3 (16),
-# controlnet 0.45, probe 0.4, fine-tuning 0.45 / 0.6 / 0.8 for ControlNet / ControlNet++ / InnerControl
-# (16). The annotators train beside the VAE and base model, the nine fine-tuning runs and the
-# evaluations two at a time, one single-threaded process per core.
+# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (22.4 minutes
+# measured on a quiet 2-core Xeon). Seconds per step there (batch): vae 0.33 (8), base 0.64 (32),
+# annotators 0.2 (16), controlnet 0.46 (16), probe 0.43 (16); fine-tuning 0.53 / 0.81 / 0.97 for
+# ControlNet / ControlNet++ / InnerControl (16), two runs at a time. The annotators train beside the VAE
+# and base model; the nine fine-tuning runs and the evaluations go two at a time, one single-threaded
+# process per core.
 PRESET = dict(
     size=64, n_train=1500, n_test=64, seeds=(0, 1, 2),
     vae_ch=16, vae_steps=400, vae_batch=8, vae_lr=1e-3,

@@ -55,7 +55,7 @@ PRESET = dict(
     vae_ch=16, vae_steps=400, vae_batch=8, vae_lr=1e-3,
     base_steps=600, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
-    controlnet_steps=400, controlnet_batch=16, controlnet_lr=1e-3,
+    controlnet_steps=800, controlnet_batch=16, controlnet_lr=1e-3,
     probe_steps=300, probe_batch=16, probe_lr=1e-3,
     finetune_steps=100, finetune_batch=16, finetune_lr=2e-4, finetune_args=(),  # more train.py flags
     eval_steps=10, guidance=5.0, eval_seed=0, save_every=100, log_every=10,

@@ -172,8 +172,10 @@ def test_fresh_then_ctrl_c_then_rerun_resumes(smoke):
     # --fresh: everything is redone; the probe stage is made long enough to be interrupted in
     t0 = time.time()
     env = dict(ENV, SHAPES_PRESET=json.dumps({"probe_steps": 10_000}))
+    # a run started in the background by a non-interactive shell inherits SIGINT ignored; Ctrl-C must reach it
     proc = subprocess.Popen(command(out, "--fresh"), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while not (os.path.exists(probe_ck) and os.path.getmtime(probe_ck) >= t0):

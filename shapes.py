@@ -44,8 +44,8 @@ import train
 from controlnet import ControlNet, load_controlnet
 from probe import Probe, ProbeConfig, load_probe, probe_output01
 
-# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (22.4 minutes
-# measured on a quiet 2-core Xeon). Seconds per step there (batch): vae 0.33 (8), base 0.64 (32),
+# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (25.9 minutes
+# measured on a 2-core Xeon). Seconds per step there (batch): vae 0.33 (8), base 0.64 (32),
 # annotators 0.2 (16), controlnet 0.46 (16), probe 0.43 (16); fine-tuning 0.53 / 0.81 / 0.97 for
 # ControlNet / ControlNet++ / InnerControl (16), two runs at a time. The annotators train beside the VAE
 # and base model; the nine fine-tuning runs and the evaluations go two at a time, one single-threaded

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from unet import (LeanConv2d, UNet, UNetConfig, unet_config_from_diffusers, unet_config_from_state_dict,
+from unet import (LeanConv2d, UNet, UNetConfig, Upsample, unet_config_from_diffusers, unet_config_from_state_dict,
                   unet_key_map)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -317,15 +317,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only, then a stride-2 conv
-
-
-class Upsample(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = LeanConv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def _mid(c, groups):

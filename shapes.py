@@ -77,6 +77,13 @@ def preset():
     if os.environ.get("SHAPES_PRESET"):
         P.update(json.loads(os.environ["SHAPES_PRESET"]))
     P["seeds"] = tuple(P["seeds"])
+    # flags for the fine-tuning runs: checked here, so that a typo stops the run before any stage
+    try:
+        train.parse_args(list(P["finetune_args"]))
+    except SystemExit:
+        print(f"error: finetune_args {list(P['finetune_args'])} (from SHAPES_PRESET) must be train.py flags",
+              file=sys.stderr)
+        raise
     if P["workers"] is None:
         P["workers"] = max(1, min(os.cpu_count() or 1, len(METHODS) * len(P["seeds"])))
     return P
@@ -469,9 +476,9 @@ def stage_finetune(root, P, sd, reward_model, control):
     if P["workers"] > 1 and len(todo) > 1:
         print(f"  {len(todo)} runs in {P['workers']} worker processes (progress in each run's console.txt)",
               flush=True)
-        run_in_workers(P["workers"], [(finetune_one, (root, P, control, m, s)) for m, s in todo],
-                       [os.path.join(finetune_dir(root, m, s), "console.txt") for m, s in todo],
-                       [f"finetune {NAMES[m]}, seed {s}" for m, s in todo])
+        Workers(P["workers"], [(finetune_one, (root, P, control, m, s)) for m, s in todo],
+                [os.path.join(finetune_dir(root, m, s), "console.txt") for m, s in todo],
+                [f"finetune {NAMES[m]}, seed {s}" for m, s in todo]).wait()
     else:
         for method, seed in todo:
             finetune_one(root, P, control, method, seed, sd, reward_model)
@@ -537,10 +544,6 @@ class Workers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_in_workers(n, calls, consoles, names):
-    return Workers(n, calls, consoles, names).wait()
-
-
 @torch.no_grad()
 def probe_error_by_timestep(sd, controlnet, probe, reward_model, conds, images, texts, control, seed=0):
     """Per timestep bucket (0-200, ..., 800-1000): RMSE (8-bit) of the probe's reading of the
@@ -585,16 +588,12 @@ def save_figure(path, columns, headers, size=96):
 
 
 @torch.no_grad()
-def evaluate_one(root, P, control, controlnet_path, sd=None, evaluator=None):
+def evaluate_one(root, P, control, controlnet_path, texts, cond, label, real_features, sd=None, evaluator=None):
     """Generate the held-out scenes (with the ControlNet at controlnet_path, or none) and score them:
     returns (images, controllability, Frechet distance to the real renders on the evaluator's features)."""
     if sd is None:  # in a worker process
         sd = model.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
         evaluator = load_annotators(root, P, control)[1]
-    images, conds, _, texts = load_arrays(os.path.join(root, "data", "test"), control, P["size"])
-    reward_model = None if control == "depth" else load_annotators(root, P, control)[0]
-    label = reward.make_label(control, reward_model, conds)
-    cond = reward.control_image(control, label, conds)
     controlnet = load_controlnet(controlnet_path) if controlnet_path else None
     # every row starts from the same initial noise (seed P["eval_seed"]): the rows differ only in their
     # ControlNet, and the spread over the fine-tuning seeds is the training's, not the sampler's
@@ -602,8 +601,7 @@ def evaluate_one(root, P, control, controlnet_path, sd=None, evaluator=None):
                                      steps=P["eval_steps"], guidance=P["guidance"], seed=P["eval_seed"],
                                      size=P["size"])
     score = evaluation.controllability(control, evaluator, gen, label).mean().item()
-    real = evaluation.evaluator_features(evaluator, (images + 1) / 2)
-    fd = evaluation.frechet_distance(evaluation.evaluator_features(evaluator, gen), real)
+    fd = evaluation.frechet_distance(evaluation.evaluator_features(evaluator, gen), real_features)
     return gen, score, fd
 
 
@@ -613,15 +611,17 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     images, conds, _, texts = load_arrays(test_dir, control, P["size"])
     label = reward.make_label(control, None if control == "depth" else reward_model, conds)
     cond = reward.control_image(control, label, conds)
+    real_features = evaluation.evaluator_features(evaluator, (images + 1) / 2)
+    inputs = (texts, cond, label, real_features)
     runs = [("base", None, 0), ("start", controlnet_path, 0)] + \
         [(method, finetuned[(method, seed)], seed) for method in METHODS for seed in P["seeds"]]
     if P["workers"] > 1:
         print(f"  {len(runs)} evaluations in {P['workers']} worker processes", flush=True)
-        out = Workers(P["workers"], [(evaluate_one, (root, P, control, path)) for _, path, _ in runs],
+        out = Workers(P["workers"], [(evaluate_one, (root, P, control, path, *inputs)) for _, path, _ in runs],
                       [os.path.join(d, "console.txt")] * len(runs),
                       [f"eval {name}, seed {seed}" for name, _, seed in runs]).wait()
     else:
-        out = [evaluate_one(root, P, control, path, sd, evaluator) for _, path, _ in runs]
+        out = [evaluate_one(root, P, control, path, *inputs, sd, evaluator) for _, path, _ in runs]
     results = {(name, seed): r for (name, _, seed), r in zip(runs, out)}
     table = [("base model, no ControlNet", [results["base", 0][1]], [results["base", 0][2]]),
              ("ControlNet (stage 5, before fine-tuning)", [results["start", 0][1]], [results["start", 0][2]])]

@@ -10,16 +10,6 @@ import torch.nn as nn
 import eval as evaluation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The ops here are tiny: on a busy machine two OpenMP threads that wait on each other cost many
-    times what one thread does."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- 8-bit RMSE -----------------------------------------------------------------------------------
 
 def test_rmse_8bit_hand_values():

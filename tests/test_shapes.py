@@ -32,16 +32,6 @@ STAGES = ["data", "vae", "base", "annotators/reward", "annotators/evaluator", "c
     [f"finetune/{m}-seed{s}" for m in shapes.METHODS for s in shapes.SMOKE["seeds"]] + ["eval"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The ops here are tiny: on a busy machine two OpenMP threads that wait on each other cost many
-    times what one thread does."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def command(out, *extra):
     return [sys.executable, os.path.join(REPO, "train.py"), "--control", "depth", "--out", str(out), *extra]
 

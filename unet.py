@@ -134,24 +134,25 @@ class GemmConv3x3Fn(torch.autograd.Function):
         cols, Ho, Wo = im2col3x3(x, stride)
         w = weight.flatten(1)
         out = w @ cols if bias is None else torch.addmm(bias[:, None], w, cols)  # (C_out, B * H' * W')
-        ctx.save_for_backward(weight, cols if weight.requires_grad else None)
-        ctx.conf = (x.shape, stride, bias is not None and bias.requires_grad)
+        # under autocast the GEMM ran in a lower precision: keep what the backward needs in that dtype
+        ctx.save_for_backward(weight.to(out.dtype), cols.to(out.dtype) if weight.requires_grad else None)
+        ctx.conf = (x.shape, x.dtype, stride, bias is not None and bias.requires_grad)
         return out.view(-1, B, Ho, Wo).transpose(0, 1).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
         weight, cols = ctx.saved_tensors
-        (B, C, H, W), stride, bias_grad = ctx.conf
-        g = grad.transpose(0, 1).reshape(weight.shape[0], -1)  # (C_out, B * H' * W')
+        (B, C, H, W), dtype, stride, bias_grad = ctx.conf
+        g = grad.to(weight.dtype).transpose(0, 1).reshape(weight.shape[0], -1)  # (C_out, B * H' * W')
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gcols = (weight.flatten(1).t() @ g).view(C * 9, B, -1).transpose(0, 1)  # (B, C * 9, H' * W')
-            gx = F.fold(gcols, (H, W), 3, padding=1, stride=stride)
+            gx = F.fold(gcols, (H, W), 3, padding=1, stride=stride).to(dtype)
         if ctx.needs_input_grad[1]:
             gw = (g @ cols.t()).view_as(weight)
         if bias_grad:
             gb = g.sum(1)
-        return gx, gw, gb, None
+        return gx, gw, gb, None  # autograd casts gw, gb to the parameters' dtype
 
 
 class Conv2d(LeanConv2d):

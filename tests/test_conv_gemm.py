@@ -57,3 +57,18 @@ def test_upsample_conv_matches_interpolate_then_conv(cin, hw, gemm, monkeypatch)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_path_under_bf16_autocast():
+    torch.manual_seed(0)
+    conv = unet.Conv2d(256, 32, 3, padding=1)
+    x = torch.randn(2, 256, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(y.float().square().sum(), [x, conv.weight])
+    gx_ref, gw_ref = torch.autograd.grad(ref.float().square().sum(), [x, conv.weight])
+    assert gx.dtype == x.dtype and gw.dtype == conv.weight.dtype
+    for g, g_ref in ((y, ref), (gx, gx_ref), (gw, gw_ref)):
+        assert (g.float() - g_ref.float()).norm() <= 0.02 * g_ref.float().norm()

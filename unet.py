@@ -84,10 +84,11 @@ class FrozenConv2dFn(torch.autograd.Function):
         shape, dtype, stride, padding, dilation, groups = ctx.conf
         grad = grad.to(w.dtype)
         k, p = w.shape[2:], _pair(padding)
-        if _pair(stride) == (1, 1) and _pair(dilation) == (1, 1) and groups == 1 and p[0] < k[0] and p[1] < k[1]:
+        if grad.device.type == "cpu" and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1) and groups == 1 \
+                and p[0] < k[0] and p[1] < k[1]:
             # with stride 1 the input's gradient is a plain convolution of the output's gradient with the
             # kernel flipped and its in/out channels swapped; oneDNN's forward kernels run it 1.2-1.6x faster
-            # than its backward-data kernels at the VAE's and UNet's shapes
+            # than its backward-data kernels at the VAE's and UNet's shapes (measured on the CPU only)
             gx = F.conv2d(grad, w.transpose(0, 1).flip(2, 3), None, 1, (k[0] - 1 - p[0], k[1] - 1 - p[1]))
         else:
             gx = torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation, groups)
@@ -292,9 +293,9 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x, context, features=None):
         B, C, H, W = x.shape
-        # (B, C, H, W) -> (B, H*W, C) tokens; made contiguous once here, or every LayerNorm and
-        # residual add below would work on (and pass on) a transposed layout
-        # the 1x1 convs run as linear layers on the tokens: one GEMM each, no NCHW <-> token copy around them
+        # (B, C, H, W) -> (B, H*W, C) tokens, contiguous (the reshape copies unless x is channels_last), or every
+        # LayerNorm and residual add below would work on a transposed layout; the 1x1 convs proj_in and
+        # proj_out run as linear layers on the tokens, so no other NCHW <-> token copy is needed
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
         h = F.linear(h, self.proj_in.weight.view(C, C), self.proj_in.bias)
         for i, block in enumerate(self.transformer_blocks):
@@ -339,10 +340,12 @@ class Upsample(nn.Module):
         self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
-        B, C, H, W = x.shape
-        if self.conv.uses_gemm(x.device, 4 * H * W):  # small maps: the GEMM path on the upsampled map is faster
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
+        H, W = x.shape[2:]
+        # CPU: the four phases, except on small maps, where the GEMM path on the upsampled map is faster
+        # (the phases were measured on the CPU only)
+        if x.device.type == "cpu" and not self.conv.uses_gemm(x.device, 4 * H * W):
+            return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepSequential(nn.Sequential):

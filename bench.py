@@ -24,10 +24,19 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from controlnet import ControlNet, controlnet_config_to_diffusers, controlnet_key_map, guided_eps
-from unet import UNet, UNetConfig, unet_config_to_diffusers, unet_key_map
+import fused
+import model
+import reward
+import train
+from controlnet import ControlNet
+from formats import (controlnet_config_to_diffusers, controlnet_key_map, text_config_to_transformers,
+                     unet_config_to_diffusers, unet_key_map, vae_config_to_diffusers, vae_key_map)
+from probe import Probe, ProbeConfig, probe_output01
+from sample import guided_eps
+from unet import DecoderFeatures, UNet, UNetConfig
 
 BENCHES = {}
 
@@ -92,7 +101,7 @@ def sd15_unets():
     from diffusers import UNet2DConditionModel
     cfg = UNetConfig()
     torch.manual_seed(0)
-    ours = UNet(cfg).eval()
+    ours = fused.install(UNet(cfg).eval())
     return ours, shared_reference(ours, UNet2DConditionModel, unet_config_to_diffusers(cfg), unet_key_map(cfg))
 
 
@@ -136,7 +145,7 @@ def bench_unet_bf16(reps):
 def cfg_step_bench(name, reps, bf16, guidance=7.5, scale=1.0):
     from diffusers import ControlNetModel
     ours_unet, ref_unet = sd15_unets()
-    ours_cn = ControlNet(UNetConfig()).eval()
+    ours_cn = fused.install(ControlNet(UNetConfig()).eval())
     with torch.no_grad():  # non-zero zero convs, or the residuals would be trivially zero
         for conv in [*(z[0] for z in ours_cn.zero_convs), ours_cn.middle_block_out[0], ours_cn.input_hint_block[-1]]:
             torch.nn.init.normal_(conv.weight, std=0.02)
@@ -254,11 +263,8 @@ def randomize(module, seed, only_zero=False):
 def build_train_models(config):
     """SD (random, seeded), a ControlNet from its UNet (zero convs made non-zero so that the residuals
     matter), a probe and a DPT-Hybrid-sized reward model: ours, which the reference copies."""
-    import model
-    import reward
-    from probe import Probe, ProbeConfig
     torch.manual_seed(SEED)
-    cfg = model.sd15() if config == "sd15" else model.tiny()
+    cfg = model.SDConfig() if config == "sd15" else model.tiny()
     sd = model.StableDiffusion(cfg, model.Tokenizer.from_bpe_gz())
     net = randomize(ControlNet.from_unet(sd.unet), SEED + 1, only_zero=True)
     probe = Probe(ProbeConfig.for_unet(cfg.unet))
@@ -295,7 +301,6 @@ def micro_batches(x):
 
 def ours_train_step(method, config, extra_args=()):
     """train.py's micro-steps (its --grad-accum) and optimizer step, as its loop runs them."""
-    import train
     sd, net, probe, dpt = build_train_models(config)
     args = train.parse_args(["--method", method, "--control", "depth", "--device", "cpu", "--mixed-precision", "no",
                              *extra_args])
@@ -317,7 +322,7 @@ def ours_train_step(method, config, extra_args=()):
             total = total + loss.detach()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.item()
-        _, bad = train.optimizer_step(args, net, opt, sched, scaler, None, total, bad)
+        _, bad = train.optimizer_step(args, net, opt, sched, scaler, None, total, bad, 0)
         return sums
     return step
 
@@ -327,16 +332,15 @@ def build_train_reference(config, method):
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, DPTConfig, DPTForDepthEstimation
 
-    import model
     sd, net, probe, dpt = build_train_models(config)
     cfg = sd.config
     unet = shared_reference(sd.unet, UNet2DConditionModel, unet_config_to_diffusers(cfg.unet), unet_key_map(cfg.unet))
     controlnet = shared_reference(net, ControlNetModel, controlnet_config_to_diffusers(net),
                                   controlnet_key_map(cfg.unet))
-    vae = shared_reference(sd.vae, AutoencoderKL, model.vae_config_to_diffusers(cfg.vae), model.vae_key_map(cfg.vae),
+    vae = shared_reference(sd.vae, AutoencoderKL, vae_config_to_diffusers(cfg.vae), vae_key_map(cfg.vae),
                            lambda name, v: v[:, :, 0, 0] if ".attentions." in name and v.ndim == 4 else v)
     # built for real: CLIP has non-persistent buffers (position ids) that a meta build would leave empty
-    text = shared_reference(sd.text_encoder, CLIPTextModel(CLIPTextConfig(**model.text_config_to_transformers(
+    text = shared_reference(sd.text_encoder, CLIPTextModel(CLIPTextConfig(**text_config_to_transformers(
         cfg.text))), None, {k: k[len("text_model."):] for k in sd.text_encoder.state_dict()})
     reward_model = None
     if method != "controlnet":
@@ -352,12 +356,9 @@ def build_train_reference(config, method):
 def reference_train_step(method, config, t_reward=400, lambda_reward=0.5, t_align=(0, 920), alpha=1.0,
                          max_grad_norm=1.0):
     """The upstream script's step (train_controlnet_reward.py logic) on the diffusers modules."""
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    from probe import probe_output01
-    from unet import DecoderFeatures
     m = build_train_reference(config, method)
     unet, controlnet, vae, text, reward_model, probe = (m[k] for k in ("unet", "controlnet", "vae", "text", "reward",
                                                                        "probe"))

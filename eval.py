@@ -16,7 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
+import formats
+import fused
 import reward
+import sample
 
 
 def to_8bit(x01):
@@ -85,7 +89,6 @@ def generate_images(sd, texts, controls, controlnet, steps=20, guidance=7.5, see
                     negative_prompt="", sampler="ddim", images_per_cond=1, size=None):
     """Images (N * images_per_cond, 3, H, W) in [0, 1] for prompts and control maps (N, 3, H, W), or
     with controls None (no ControlNet) at size x size."""
-    import sample
     out = []
     for i in range(0, len(texts), batch):
         imgs = sample.generate(sd, texts[i:i + batch],
@@ -116,20 +119,20 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write per-image metrics as JSON here")
     args = p.parse_args(argv)
 
-    import controlnet as cn
-    import data
-    import model
     dev = torch.device(args.device)
-    sd = model.load_sd(args.weights, device=dev)
-    net = cn.load_controlnet(args.controlnet, sd.unet.config).to(dev)
-    evaluator = reward.load_reward_model(args.control, args.evaluator, device=dev)
-    ds = data.ControlDataset(args.data, args.resolution, control_column=args.control_column)
+    sd = formats.load_sd(args.weights, device=dev)
+    net = formats.load_controlnet(args.controlnet, sd.unet.config, device=dev)
+    evaluator = formats.load_reward_model(args.control, args.evaluator, device=dev)
+    fused.install(sd, net, evaluator)
+    ds = data.ControlDataset(args.data, args.resolution,
+                             control_column=args.control_column if args.control == "depth" else None)
     n = len(ds) if args.num is None else min(args.num, len(ds))
     items = [x for x in (ds[i] for i in range(n)) if x is not None]
     if not items:
         sys.exit(f"error: no readable samples in {args.data}")
-    controls = torch.stack([x["control"] for x in items]).to(dev)
-    label = reward.make_label(args.control, evaluator, controls)
+    controls = torch.stack([x["control"] for x in items]).to(dev) if args.control == "depth" else None
+    image01 = (torch.stack([x["image"] for x in items]).to(dev) + 1) / 2
+    label = reward.make_label(args.control, evaluator, image01, controls)
     cond = reward.control_image(args.control, label, controls)
     images = generate_images(sd, [x["text"] for x in items], cond, net, args.steps, args.guidance, args.seed,
                              args.batch, images_per_cond=args.images_per_cond)

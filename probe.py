@@ -1,23 +1,17 @@
 """The probe: InnerControl's "alignment module" (arXiv 2507.02321, sec. 3.2).
 
-A small, timestep-conditioned convolutional network that reads the UNet decoder's own features
-(the self-attention outputs of the decoder's transformer blocks, taken from the same forward pass
-that predicts the noise) and predicts the control signal (depth, edges, line art) from them. Its
-architecture follows Readout Guidance's aggregation network (arXiv 2312.07536): one bottleneck
-block per feature map with the UNet's time embedding added, softmax-normalised mixing weights, and
-a small convolutional head with a tanh output.
-
-Because the features already encode the layout at high noise, the probe gives a usable control
-signal over almost the whole trajectory (t up to 920), where ControlNet++'s one-step x0 estimate is
-too blurry for a reward model to read (InnerControl sec. 3.1).
+A small, timestep-conditioned convolutional network that reads the UNet decoder's own features (the self-attention
+outputs of its transformer blocks, from the same forward pass that predicts the noise) and predicts the control map.
+Its architecture is Readout Guidance's aggregation network (arXiv 2312.07536): one bottleneck block per feature map
+with the UNet's time embedding added, softmax-normalised mixing weights, a small convolutional head, tanh. Because the
+features encode the layout even at high noise, it gives a usable signal over almost the whole trajectory (t <= 920),
+where ControlNet++'s one-step x0 estimate is too blurry for a reward model to read (sec. 3.1).
 """
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 
 @dataclass
@@ -41,7 +35,7 @@ class ProbeConfig:
                    out_channels=out_channels, norm_groups=min(32, unet_cfg.norm_groups))
 
 
-def _norm(groups, channels):
+def group_norm(groups, channels):
     return nn.GroupNorm(min(groups, channels), channels)
 
 
@@ -52,15 +46,15 @@ class BottleneckBlock(nn.Module):
     def __init__(self, c_in, c_mid, c_out, time_dim, groups):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_mid, 1, bias=False)
-        self.norm1 = _norm(groups, c_mid)
+        self.norm1 = group_norm(groups, c_mid)
         self.time_proj = nn.Linear(time_dim, c_mid)
         self.conv2 = nn.Conv2d(c_mid, c_mid, 3, padding=1, bias=False)
-        self.norm2 = _norm(groups, c_mid)
+        self.norm2 = group_norm(groups, c_mid)
         self.conv3 = nn.Conv2d(c_mid, c_out, 1, bias=False)
-        self.norm3 = _norm(groups, c_out)
+        self.norm3 = group_norm(groups, c_out)
         self.shortcut = None
         if c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), _norm(groups, c_out))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), group_norm(groups, c_out))
 
     def forward(self, x, time_emb):
         h = F.relu(self.norm1(self.conv1(x)))
@@ -115,22 +109,3 @@ def probe_output01(probe_out, size=None):
     if size is not None and y.shape[-2:] != tuple(size):
         y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
     return y
-
-
-def save_probe(probe, path):
-    sd = {k: v.detach().contiguous().cpu() for k, v in probe.state_dict().items()}
-    save_file(sd, path, metadata={"probe_config": json.dumps(asdict(probe.cfg))})
-
-
-def load_probe(path, device="cpu", dtype=torch.float32):
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-    if "probe_config" not in meta:
-        raise ValueError(f"{path}: not a probe file (no probe_config in its metadata); "
-                         "train one with `python train.py --stage probe`")
-    cfg = json.loads(meta["probe_config"])
-    cfg["feature_channels"] = tuple(cfg["feature_channels"])
-    probe = Probe(ProbeConfig(**cfg))
-    probe.load_state_dict(load_file(path))
-    return probe.to(device=device, dtype=dtype)

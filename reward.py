@@ -16,17 +16,13 @@ with the same label. This file holds, in plain PyTorch:
 The annotators take images in [0, 1] (B, 3, H, W) and return maps (B, 1, H, W) in [0, 1] at the input size;
 `reward_prediction` gives DPT the same contract (it resizes, normalises and rescales around the raw network).
 """
-import json
 import math
-import os
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CheckpointError, load_state_dict
-from unet import LeanConv2d as Conv2d, conv2d  # noqa: F401 (frozen convs keep only their weight)
 
 CONTROL_TYPES = ("depth", "hed", "lineart")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # transformers' hidden_act names (exact, erf-based GELU)
@@ -145,7 +141,7 @@ class StdConv2d(nn.Conv2d):
         w = self.weight.float()
         var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
         w = (w - mean) * torch.rsqrt(var + self.eps)
-        return conv2d(x, w.to(self.weight.dtype), None, self.stride, self.padding)
+        return self._conv_forward(x, w.to(self.weight.dtype), None)
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -256,10 +252,10 @@ class ViTEmbeddings(nn.Module):
             self.backbone = nn.ModuleDict(dict(bit=BiT(c.backbone)))
             if len(self.backbone.bit.out) != 3:
                 raise ValueError("DPT-Hybrid expects 3 BiT output stages")
-            self.projection = Conv2d(self.backbone.bit.channels[-1], c.hidden_size, 1)
+            self.projection = nn.Conv2d(self.backbone.bit.channels[-1], c.hidden_size, 1)
         else:
             self.patch_embeddings = nn.ModuleDict(dict(
-                projection=Conv2d(c.num_channels, c.hidden_size, patch, stride=patch)))
+                projection=nn.Conv2d(c.num_channels, c.hidden_size, patch, stride=patch)))
 
     def forward(self, x):
         if hasattr(self, "backbone"):
@@ -332,13 +328,13 @@ class ReassembleLayer(nn.Module):
 
     def __init__(self, d, channels, factor):
         super().__init__()
-        self.projection = Conv2d(d, channels, 1)
+        self.projection = nn.Conv2d(d, channels, 1)
         if factor > 1:
             self.resize = nn.ConvTranspose2d(channels, channels, int(factor), stride=int(factor))
         elif factor == 1:
             self.resize = nn.Identity()
         else:
-            self.resize = Conv2d(channels, channels, 3, stride=int(1 / factor), padding=1)
+            self.resize = nn.Conv2d(channels, channels, 3, stride=int(1 / factor), padding=1)
 
     def forward(self, x):
         return self.resize(self.projection(x))
@@ -378,8 +374,8 @@ class PreActResidual(nn.Module):
     def __init__(self, c: DPTConfig):
         super().__init__()
         f, bias = c.fusion_hidden_size, c.use_bias_in_fusion_residual is not False
-        self.convolution1 = Conv2d(f, f, 3, padding=1, bias=bias)
-        self.convolution2 = Conv2d(f, f, 3, padding=1, bias=bias)
+        self.convolution1 = nn.Conv2d(f, f, 3, padding=1, bias=bias)
+        self.convolution2 = nn.Conv2d(f, f, 3, padding=1, bias=bias)
 
     def forward(self, x):
         return x + self.convolution2(F.relu(self.convolution1(F.relu(x))))
@@ -390,7 +386,7 @@ class FusionLayer(nn.Module):
 
     def __init__(self, c: DPTConfig):
         super().__init__()
-        self.projection = Conv2d(c.fusion_hidden_size, c.fusion_hidden_size, 1)
+        self.projection = nn.Conv2d(c.fusion_hidden_size, c.fusion_hidden_size, 1)
         self.residual_layer1 = PreActResidual(c)
         self.residual_layer2 = PreActResidual(c)
 
@@ -407,7 +403,7 @@ class Neck(nn.Module):
     def __init__(self, c: DPTConfig):
         super().__init__()
         self.reassemble_stage = Reassemble(c)
-        self.convs = nn.ModuleList(Conv2d(ch, c.fusion_hidden_size, 3, padding=1, bias=False)
+        self.convs = nn.ModuleList(nn.Conv2d(ch, c.fusion_hidden_size, 3, padding=1, bias=False)
                                    for ch in c.neck_hidden_sizes)
         self.fusion_stage = nn.ModuleDict(dict(layers=nn.ModuleList(FusionLayer(c) for _ in c.neck_hidden_sizes)))
 
@@ -435,10 +431,10 @@ class DPT(nn.Module):
         self.neck = Neck(cfg)
         f = cfg.fusion_hidden_size
         self.head = nn.ModuleDict(dict(head=nn.Sequential(
-            Conv2d(f, f // 2, 3, padding=1),
+            nn.Conv2d(f, f // 2, 3, padding=1),
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-            Conv2d(f // 2, 32, 3, padding=1), nn.ReLU(),
-            Conv2d(32, 1, 1), nn.ReLU())))
+            nn.Conv2d(f // 2, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 1, 1), nn.ReLU())))
 
     def forward(self, x):
         features, grid = self.dpt(x)
@@ -453,8 +449,8 @@ class HEDBlock(nn.Module):
 
     def __init__(self, cin, cout, n):
         super().__init__()
-        self.convs = nn.Sequential(*[Conv2d(cin if i == 0 else cout, cout, 3, padding=1) for i in range(n)])
-        self.projection = Conv2d(cout, 1, 1)
+        self.convs = nn.Sequential(*[nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1) for i in range(n)])
+        self.projection = nn.Conv2d(cout, 1, 1)
 
     def forward(self, x):
         for conv in self.convs:
@@ -494,8 +490,8 @@ class HED(nn.Module):
 class LineArtResidual(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.conv_block = nn.Sequential(nn.ReflectionPad2d(1), Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(),
-                                        nn.ReflectionPad2d(1), Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch))
+        self.conv_block = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(),
+                                        nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch))
 
     def forward(self, x):
         return x + self.conv_block(x)
@@ -509,13 +505,13 @@ class LineArt(nn.Module):
     def __init__(self, n_residual_blocks=3):
         super().__init__()
         IN = nn.InstanceNorm2d
-        self.model0 = nn.Sequential(nn.ReflectionPad2d(3), Conv2d(3, 64, 7), IN(64), nn.ReLU())
-        self.model1 = nn.Sequential(Conv2d(64, 128, 3, stride=2, padding=1), IN(128), nn.ReLU(),
-                                    Conv2d(128, 256, 3, stride=2, padding=1), IN(256), nn.ReLU())
+        self.model0 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 64, 7), IN(64), nn.ReLU())
+        self.model1 = nn.Sequential(nn.Conv2d(64, 128, 3, stride=2, padding=1), IN(128), nn.ReLU(),
+                                    nn.Conv2d(128, 256, 3, stride=2, padding=1), IN(256), nn.ReLU())
         self.model2 = nn.Sequential(*[LineArtResidual(256) for _ in range(n_residual_blocks)])
         up = lambda cin, cout: nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)  # exact x2
         self.model3 = nn.Sequential(up(256, 128), IN(128), nn.ReLU(), up(128, 64), IN(64), nn.ReLU())
-        self.model4 = nn.Sequential(nn.ReflectionPad2d(3), Conv2d(64, 1, 7), nn.Sigmoid())
+        self.model4 = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(64, 1, 7), nn.Sigmoid())
 
     def forward(self, image):
         H, W = image.shape[-2:]
@@ -570,14 +566,6 @@ def depth_reward_prediction(dpt, image):
     return normalize_per_image_max(resize(depth.float(), image.shape[-2:]))
 
 
-def hed_label(hed, cond):
-    return hed(cond).float()
-
-
-def lineart_label(lineart, cond):
-    return lineart(cond).float()
-
-
 def reward_prediction(control_type, model, image):
     """The reward model's output on a (decoded) image in [0, 1], in label space: (B, 1, H, W) in [0, 1]."""
     if control_type == "depth":
@@ -588,24 +576,23 @@ def reward_prediction(control_type, model, image):
 
 
 @torch.no_grad()
-def make_label(control_type, model, cond):
-    """The reward/alignment target (B, 1, H, W) in [0, 1] for a conditioning image in [0, 1].
-    depth: from the control map itself. hed / lineart: the annotator run on the conditioning image, so the
-    reward model and the label agree by construction (ControlNet++ sec. 3.3)."""
+def make_label(control_type, annotator, image01=None, control=None):
+    """The reward / alignment target (B, 1, H, W) in [0, 1]. depth: the depth control map's. hed / lineart: the
+    annotator run on the RGB image (image01 in [0, 1]), as upstream trains and evaluates, so that the ControlNet's
+    input, the reward model's output and the label are one kind of map (ControlNet++ sec. 3.3); or, given
+    `control`, an annotator output stored in the dataset (RGB mean)."""
     if control_type == "depth":
-        return depth_label(cond)
-    if control_type == "hed":
-        return hed_label(model, cond)
-    if control_type == "lineart":
-        return lineart_label(model, cond)
-    raise ValueError(f"unknown control type {control_type!r}, expected one of {CONTROL_TYPES}")
+        return depth_label(control)
+    if control is not None:
+        return control.float().mean(1, keepdim=True)
+    return reward_prediction(control_type, annotator, image01)
 
 
-def control_image(control_type, label, cond):
+def control_image(control_type, label, control=None):
     """What the ControlNet sees (B, 3, H, W): the depth map as given; for hed the label itself; for lineart
     1 - label (ControlNet v1.1 lineart is conditioned on the inverted drawing)."""
     if control_type == "depth":
-        return cond
+        return control
     if control_type == "hed":
         return label.expand(-1, 3, -1, -1)
     if control_type == "lineart":
@@ -625,45 +612,3 @@ def probe_to_label_space(p, control_type, size=None):
     if control_type == "lineart":
         return 1 - normalize_per_image_minmax(p.mean(1, keepdim=True))
     raise ValueError(f"unknown control type {control_type!r}, expected one of {CONTROL_TYPES}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading
-
-def _load_strict(model, sd, path):
-    missing, unexpected = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match {type(model).__name__}: missing {sorted(missing)[:8]}"
-                         f" ({len(missing)}), unexpected {sorted(unexpected)[:8]} ({len(unexpected)})")
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
-def load_dpt(path):
-    """A transformers-layout DPTForDepthEstimation folder (config.json + model.safetensors or pytorch_model.bin),
-    e.g. Intel/dpt-hybrid-midas or Intel/dpt-large; `path` may also name the weights file inside it."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = DPTConfig.from_dict(json.load(f))
-    if os.path.isdir(path):
-        names = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, n))]
-        if not names:
-            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
-        path = os.path.join(path, names[0])
-    return _load_strict(DPT(cfg), load_state_dict(path), path)
-
-
-def load_reward_model(control_type, path, dtype=torch.float32, device="cpu"):
-    """The frozen reward model of a control type: DPT folder for depth, ControlNetHED.pth for hed,
-    sk_model.pth for lineart (.safetensors re-packs of the annotators work too)."""
-    if control_type == "depth":
-        model = load_dpt(path)
-    elif control_type == "hed":
-        model = _load_strict(HED(), load_state_dict(path), path)
-    elif control_type == "lineart":
-        sd = load_state_dict(path)
-        n = len({k.split(".")[1] for k in sd if k.startswith("model2.")})
-        model = _load_strict(LineArt(n), sd, path)
-    else:
-        raise ValueError(f"unknown control type {control_type!r}, expected one of {CONTROL_TYPES}")
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

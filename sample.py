@@ -2,24 +2,14 @@
 
     python sample.py --prompt "a red sphere and a blue box" --cond depth.png
     python sample.py --prompt "..." --cond depth.png --weights v1-5-pruned-emaonly.safetensors \
-        --controlnet control_v11f1p_sd15_depth.pth --steps 20 --sampler dpmpp-2m --seed 0
+        --controlnet control_v11f1p_sd15_depth.pth --steps 20 --sampler unipc --seed 0
 
-Built from:
-- DDIM (Song et al. 2020, arXiv 2010.02502) with the scheduler settings SD1.5 ships with: "leading"
-  timestep spacing, steps_offset 1, and the last step landing on alphas_cumprod[0] (set_alpha_to_one
-  False), eta 0.
-- DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095): multistep, second order, data prediction, with
-  the settings diffusers' DPMSolverMultistepScheduler takes from an SD1.5 scheduler config (leading
-  spacing over steps + 1 intervals, steps_offset 1, first step first order, final sigma 0).
-- Classifier-free guidance (Ho & Salimans 2022) with the unconditional and conditional halves in one
-  batched forward of the ControlNet and the UNet.
-- The seed convention of the diffusers pipelines, so a seed gives the same image as the reference
-  pipeline: initial latents drawn in fp32 from a CPU generator, then moved to the device and dtype.
-
-The samplers are plain functions over an `eps_fn(x, t) -> eps` closure and the noise schedule's
-alphas_cumprod, so they can be read (and tested) apart from the networks. `generate()` is what the
-command line runs, callable from Python (evaluation uses it). With `probe=...` it also records the
-InnerControl probe's reading of the control map from the UNet's decoder features during sampling.
+The samplers are plain functions of an `eps_fn(x, t) -> eps` closure and the schedule's alphas_cumprod, set up as
+diffusers' schedulers are from SD1.5's scheduler config, so a seed gives the reference pipeline's image: DDIM (Song
+et al. 2020), DPM-Solver++(2M) (Lu et al. 2022) and UniPC (Zhao et al. 2023; ControlNet++'s evaluation sampler).
+`generate` runs classifier-free guidance (Ho & Salimans 2022) as one [uncond; cond] batch through the ControlNet
+and the UNet; its `callback(step, t, x, features)` sees the decoder features at every step (the probe strip is
+one such callback).
 """
 import argparse
 import math
@@ -28,13 +18,16 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
-from safetensors import SafetensorError
 from tqdm import tqdm
 
-from controlnet import guided_eps, load_controlnet
-from model import CheckpointError, load_sd
-from probe import ProbeConfig, load_probe, probe_output01
+import data
+import formats
+import fused
+import reward
+from probe import ProbeConfig, probe_output01
+from unet import DecoderFeatures
 
 # Where `python train.py --control depth` leaves the shapes-world model; used when no --weights is given.
 DEFAULT_SHAPES_RUN = "runs/shapes-depth"
@@ -45,18 +38,15 @@ DEFAULT_SHAPES_RUN = "runs/shapes-depth"
 
 def ddim_timesteps(steps, num_train_steps=1000, offset=1):
     """SD1.5's "leading" spacing: num_train_steps // steps apart, shifted by steps_offset, descending."""
-    stride = num_train_steps // steps if steps > 0 else 0
-    if stride < 1:
+    if not 1 <= steps <= num_train_steps:
         raise ValueError(f"ddim: steps must be between 1 and {num_train_steps}, got {steps}")
-    return [i * stride + offset for i in reversed(range(steps))]
+    return [i * (num_train_steps // steps) + offset for i in reversed(range(steps))]
 
 
 def ddim(eps_fn, x, alphas_cumprod, steps, progress=False):
-    """Deterministic DDIM (eta = 0) from pure noise x at t = T down to the clean latent.
-
-    x_{t'} = sqrt(abar_t') * x0_hat + sqrt(1 - abar_t') * eps_hat, with x0_hat the one-step estimate
-    (DDIM eq. 12). After the last timestep (t = 1) the target is abar[0], not 1 (set_alpha_to_one False).
-    """
+    """Deterministic DDIM (eta = 0) from pure noise x at t = T down to the clean latent:
+    x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t') eps_hat (DDIM eq. 12). After the last timestep (t = 1) the
+    target is abar[0], not 1 (set_alpha_to_one False)."""
     abar = alphas_cumprod.double().tolist()
     stride = len(abar) // steps if steps > 0 else 0
     for t in tqdm(ddim_timesteps(steps, len(abar)), disable=not progress, desc="ddim"):
@@ -69,19 +59,15 @@ def ddim(eps_fn, x, alphas_cumprod, steps, progress=False):
 
 def dpmpp_2m_timesteps(steps, num_train_steps=1000, offset=1):
     """Leading spacing as diffusers' DPM-Solver applies it: steps + 1 intervals, the one ending at 0 dropped."""
-    stride = num_train_steps // (steps + 1) if steps > 0 else 0
-    if stride < 1:
+    if not 1 <= steps < num_train_steps:
         raise ValueError(f"dpmpp-2m: steps must be between 1 and {num_train_steps - 1}, got {steps}")
-    return [i * stride + offset for i in range(steps, 0, -1)]
+    return [i * (num_train_steps // (steps + 1)) + offset for i in range(steps, 0, -1)]
 
 
 def dpmpp_2m(eps_fn, x, alphas_cumprod, steps, progress=False):
-    """DPM-Solver++(2M): the exact exponential integrator of the data-prediction ODE, with x0_hat
-    extrapolated linearly in lambda = log(alpha / sigma) from the previous step (arXiv 2211.01095, alg. 2).
-
-    The first step has no history and is first order (= DDIM); the last goes to sigma = 0, where the
-    update reduces to x0_hat itself (diffusers' final_sigmas_type "zero").
-    """
+    """DPM-Solver++(2M): the exact exponential integrator of the data-prediction ODE, with x0_hat extrapolated
+    linearly in lambda = log(alpha / sigma) from the previous step (arXiv 2211.01095, alg. 2). The first step has
+    no history and is first order (= DDIM); the last goes to sigma = 0, where the update is x0_hat itself."""
     abar = alphas_cumprod.double().tolist()
     ts = dpmpp_2m_timesteps(steps, len(abar))
     alpha = [math.sqrt(abar[t]) for t in ts] + [1.0]
@@ -89,24 +75,68 @@ def dpmpp_2m(eps_fn, x, alphas_cumprod, steps, progress=False):
     lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])]
     x0_prev = None
     for i, t in enumerate(tqdm(ts, disable=not progress, desc="dpm++2m")):
-        eps = eps_fn(x, t)
-        x0 = (x - sigma[i] * eps) / alpha[i]
+        x0 = (x - sigma[i] * eps_fn(x, t)) / alpha[i]
         if i == len(ts) - 1:
-            x = x0
-        else:
-            h = lam[i + 1] - lam[i]
-            # second-order correction: D = x0 + (h / 2 h_prev) (x0 - x0_prev)
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * (lam[i] - lam[i - 1])))
-            x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * d
+            return x0
+        h = lam[i + 1] - lam[i]
+        # second-order correction: D = x0 + (h / 2 h_prev) (x0 - x0_prev)
+        d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * (lam[i] - lam[i - 1])))
+        x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * d
         x0_prev = x0
-    return x
 
 
-SAMPLERS = {"ddim": (ddim, ddim_timesteps), "dpmpp-2m": (dpmpp_2m, dpmpp_2m_timesteps)}
+def unipc_timesteps(steps, num_train_steps=1000):
+    """"linspace" spacing: steps + 1 points rounded from T - 1 down to 0, the one at 0 dropped. SD1.5's scheduler
+    config names no spacing, so UniPC takes its own default (20 steps: 999, 949, ..., 549, 500, 450, ..., 50)."""
+    if not 1 <= steps < num_train_steps:  # more would round two timesteps onto one (h = 0)
+        raise ValueError(f"unipc: steps must be between 1 and {num_train_steps - 1}, got {steps}")
+    stride = (num_train_steps - 1) / steps  # multiplied, not divided, to round the .5 cases as numpy does
+    return [round(i * stride) for i in range(steps, 0, -1)]
+
+
+def unipc(eps_fn, x, alphas_cumprod, steps, progress=False):
+    """UniPC-2 with B(h) = e^h - 1 ("bh2") on the data-prediction ODE, from pure noise x at t = T - 1.
+
+    With x0_i the model's clean estimate at (x_i, t_i) and lambda = log(alpha / sigma), every update reads
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) (x0_i + sum_m rho_m D_m / r_m), D_m differences
+    of x0 estimates, r_m their lambda offsets over h, rho solving the order conditions (sec. 3, thm. 3.1). The
+    predictor UniP is first order on the first and last steps, second order between (= DPM-Solver++(2M)). The
+    corrector UniC redoes x_i with the new x0_i as one more difference, after each evaluation but the last, without
+    running the model again. With one unknown, rho = 1/2 (the h -> 0 limit, as diffusers has it)."""
+    abar = alphas_cumprod.double().tolist()
+    ts = unipc_timesteps(steps, len(abar))
+    alpha = [math.sqrt(abar[t]) for t in ts] + [1.0]
+    sigma = [math.sqrt(1 - abar[t]) for t in ts] + [0.0]
+    lam = [math.log(a / s) for a, s in zip(alpha[:-1], sigma[:-1])]
+
+    def update(i, x, x0, d):  # from t_i to t_{i+1} with the correction d = sum_m rho_m D_m / r_m
+        return (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(lam[i] - lam[i + 1])) * (x0 + d)
+
+    x, x0s, x_prev = x.float(), [], None
+    for i, t in enumerate(tqdm(ts, disable=not progress, desc="unipc")):
+        x0s.append((x - sigma[i] * eps_fn(x, t).float()) / alpha[i])
+        if i == len(ts) - 1:  # alpha = 1, sigma = 0: a corrector here would be multiplied by zero
+            return x0s[i]
+        if i == 1:  # UniC-1
+            x = update(0, x_prev, x0s[0], 0.5 * (x0s[1] - x0s[0]))
+        elif i > 1:  # UniC-2: rho from the 2x2 order conditions
+            h, z = lam[i] - lam[i - 1], lam[i - 1] - lam[i]
+            r = (lam[i - 2] - lam[i - 1]) / h
+            g1 = math.expm1(z) / z - 1  # z phi_2(z), 2 z phi_3(z), with z = -h in data prediction, B = e^z - 1
+            b1, b2 = g1 / math.expm1(z), 2 * (g1 / z - 0.5) / math.expm1(z)
+            rho1, rho2 = (b1 - b2) / (1 - r), (b2 - r * b1) / (1 - r)
+            x = update(i - 1, x_prev, x0s[i - 1], (rho1 / r) * (x0s[i - 2] - x0s[i - 1]) + rho2 * (x0s[i] - x0s[i - 1]))
+        x_prev = x
+        r = (lam[i - 1] - lam[i]) / (lam[i + 1] - lam[i]) if i > 0 else 1.0
+        x = update(i, x, x0s[i], (0.5 / r) * (x0s[i - 1] - x0s[i]) if i > 0 else 0.0)  # UniP-1, then UniP-2
+
+
+SAMPLERS = {"ddim": (ddim, ddim_timesteps), "dpmpp-2m": (dpmpp_2m, dpmpp_2m_timesteps),
+            "unipc": (unipc, unipc_timesteps)}
 
 
 def sampler_timesteps(sampler, steps):
-    """The timesteps `sampler` visits with `steps` steps, in order (where a probe reading can be taken)."""
+    """The timesteps `sampler` visits with `steps` steps, in order."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
     return SAMPLERS[sampler][1](steps)
@@ -116,39 +146,45 @@ def sampler_timesteps(sampler, steps):
 # generation
 
 
-def evenly_spaced(items, k):
-    """k items spread evenly from the first to the last (all of them when there are fewer than k)."""
-    if len(items) <= k:
-        return list(items)
-    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+def guided_eps(unet, controlnet, x, t, context, hint=None, guidance=7.5, control_scale=1.0, return_features=False):
+    """One noise prediction with classifier-free guidance (Ho & Salimans 2022, eq. 6): eps_u + w (eps_c - eps_u).
+
+    x (B, C, h, w); context [uncond; cond] (2B rows), or the B conditional rows when guidance <= 1 (no guidance,
+    as the diffusers pipelines do); hint (B or 1 rows). With return_features, also the conditional half's decoder
+    features."""
+    B, pair = x.shape[0], guidance > 1
+    if pair:
+        x = torch.cat([x, x])
+        t = t if torch.as_tensor(t).numel() == 1 else torch.cat([t, t])
+        hint = hint if hint is None or hint.shape[0] == 1 else torch.cat([hint, hint])
+    control = controlnet(x, t, context, hint, scale=control_scale) if controlnet is not None else None
+    eps, features = unet(x, t, context, control=control, return_features=True) if return_features \
+        else (unet(x, t, context, control=control), None)
+    if pair:
+        eps_uncond, eps = eps.chunk(2)
+        eps = eps_uncond + guidance * (eps - eps_uncond)
+        features = features and DecoderFeatures(features.time_emb[B:], [m[B:] for m in features.maps])
+    return (eps, features) if return_features else eps
 
 
 @torch.no_grad()
 def generate(sd, prompt, control=None, controlnet=None, negative_prompt="", steps=20, guidance=7.5,
-             control_scale=1.0, sampler="ddim", seed=0, num_images=1, height=None, width=None,
-             dtype=None, device=None, probe=None, readouts=None, probe_points=5, progress=False):
-    """Sample images from a loaded StableDiffusion (model.py) and, optionally, a ControlNet.
+             control_scale=1.0, sampler="ddim", seed=0, num_images=1, height=None, width=None, dtype=None,
+             device=None, callback=None, progress=False):
+    """Sample images from a StableDiffusion (model.py) and, optionally, a ControlNet; returns PIL images.
 
-    prompt: a string or a list of strings, each giving num_images images (the batch is
-    len(prompts) * num_images, prompt-major, as in the diffusers pipelines). control: (1 or
-    len(prompts), 3, H, W) in [0, 1], already at the output size. height/width default to the control's
-    size, or 512. dtype/device default to the UNet's. The sampler state stays in fp32 whatever the
-    network dtype. With a probe and a `readouts` list, appends (t, prediction in [0, 1]) at
-    `probe_points` evenly spaced steps, read from the conditional half of the batch.
-    Returns a list of PIL images.
-    """
+    prompt: a string or a list, each giving num_images images (prompt-major, as the diffusers pipelines order
+    them). control: (1 or len(prompts), 3, H, W) in [0, 1], at the output size. height/width default to the
+    control's size, or 512; dtype/device to the UNet's. The sampler state stays in fp32 whatever the network dtype.
+    callback(step, t, x, features): called at every step with the conditional half's DecoderFeatures."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt or ""] * len(prompts) if isinstance(negative_prompt, (str, type(None))) \
         else list(negative_prompt)
     if len(negatives) != len(prompts):
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    prompts = [p for p in prompts for _ in range(num_images)]
-    negatives = [n for n in negatives for _ in range(num_images)]
-    batch = len(prompts)
-
+    prompts, negatives = ([p for p in ps for _ in range(num_images)] for ps in (prompts, negatives))
     param = next(sd.unet.parameters())
-    device = torch.device(device) if device is not None else param.device
-    dtype = dtype or param.dtype
+    device, dtype = torch.device(device) if device is not None else param.device, dtype or param.dtype
     if control is not None:
         height, width = height or control.shape[-2], width or control.shape[-1]
     height, width = height or 512, width or 512
@@ -158,43 +194,42 @@ def generate(sd, prompt, control=None, controlnet=None, negative_prompt="", step
         raise ValueError(f"control map is {control.shape[-1]}x{control.shape[-2]}, expected {width}x{height}")
     if (control is None) != (controlnet is None):
         raise ValueError("a control map and a ControlNet go together: give both or neither")
-    timesteps = sampler_timesteps(sampler, steps)  # also validates sampler and steps
-    probe_ts = set(evenly_spaced(timesteps, probe_points)) if probe is not None and readouts is not None else set()
-
-    # classifier-free guidance: [uncond; cond] through the ControlNet and UNet as one batch
-    # (the diffusers pipelines turn it off at scale <= 1, and so do we)
-    cfg = guidance > 1
-    warn_if_truncated(sd.tokenizer, set(prompts + (negatives if cfg else [])))
-    context = sd.encode_prompt((negatives + prompts) if cfg else prompts).to(device, dtype)
+    sampler_timesteps(sampler, steps)  # validates sampler and steps
+    warn_if_truncated(sd.tokenizer, set(prompts + (negatives if guidance > 1 else [])))
+    context = sd.encode_prompt((negatives + prompts) if guidance > 1 else prompts).to(device, dtype)
     hint = None
     if control is not None:
-        if control.shape[0] not in (1, batch // num_images):
-            raise ValueError(f"{control.shape[0]} control maps for {batch // num_images} prompts")
-        # one row per image; a single map is encoded once and shared by the whole batch
-        hint = control.to(device=device, dtype=dtype)
+        if control.shape[0] not in (1, len(prompts) // num_images):
+            raise ValueError(f"{control.shape[0]} control maps for {len(prompts) // num_images} prompts")
+        hint = control.to(device=device, dtype=dtype)  # one map is encoded once and shared by the whole batch
         hint = hint if hint.shape[0] == 1 else hint.repeat_interleave(num_images, 0)
-
-    def forward(x, t, context, return_features=False):
-        residuals = controlnet(x, t, context, hint, scale=control_scale) if controlnet is not None else None
-        return sd.unet(x, t, context, control=residuals, return_features=return_features)
+    calls = []
 
     def eps_fn(x, t):
-        x = x.to(dtype)
-        if t in probe_ts:  # what the probe reads from the same features the conditional prediction uses
-            _, features = forward(x, t, context[-batch:], return_features=True)
-            readouts.append((t, probe_output01(probe(features).float())))
-        if cfg:
-            return guided_eps(sd.unet, controlnet, x, t, context, hint, guidance, control_scale).float()
-        return forward(x, t, context).float()
+        out = guided_eps(sd.unet, controlnet, x.to(dtype), t, context, hint, guidance, control_scale,
+                         return_features=callback is not None)
+        if callback is not None:
+            callback(len(calls), t, x, out[1])
+            out = out[0]
+        calls.append(t)
+        return out.float()
 
-    # seed convention of the reference pipelines: fp32 CPU noise, then the device and dtype
-    shape = (batch, sd.unet.config.in_channels, height // 8, width // 8)
+    # the reference pipelines' seed convention: fp32 CPU noise, then the device and dtype
+    shape = (len(prompts), sd.unet.config.in_channels, height // 8, width // 8)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-    x = noise.to(device=device, dtype=dtype).float()  # init sigma is 1 for both samplers
-    z = SAMPLERS[sampler][0](eps_fn, x, sd.schedule.alphas_cumprod, steps, progress=progress)
+    z = SAMPLERS[sampler][0](eps_fn, noise.to(device=device, dtype=dtype).float(), sd.schedule.alphas_cumprod,
+                             steps, progress=progress)  # the initial sigma is 1 for every sampler here
+    return to_pil((sd.vae.decode_latents(z.to(dtype)).float() / 2 + 0.5).clamp(0, 1))
 
-    images = sd.vae.decode_latents(z.to(dtype)).float()
-    return to_pil((images / 2 + 0.5).clamp(0, 1))
+
+def probe_readings(probe, at_steps):
+    """A callback for `generate` that keeps the probe's reading (t, (B, C, h, w) in [0, 1]) at the given steps."""
+    readings = []
+
+    def callback(step, t, x, features):
+        if step in at_steps:
+            readings.append((t, probe_output01(probe(features).float())))
+    return callback, readings
 
 
 def warn_if_truncated(tokenizer, prompts):
@@ -211,14 +246,34 @@ def to_pil(images):
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 
-def make_grid(images, cols=None):
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    return grid
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def strip(rows, size):
+    """Rows of (C, h, w) tiles in [0, 1] -> one PIL image, each tile resized to `size` and made RGB."""
+    tile = lambda x: F.interpolate(x[None].float().cpu(), size=size, mode="bilinear")[0].expand(3, -1, -1)[:3]  # noqa
+    return to_pil(torch.cat([torch.cat([tile(x) for x in row], 2) for row in rows], 1)[None].clamp(0, 1))[0]
+
+
+def make_grid(images):
+    cols, tiles = math.ceil(math.sqrt(len(images))), [to_tensor(im) for im in images]
+    tiles += [torch.zeros_like(tiles[0])] * (-len(tiles) % cols)  # black cells fill the last row
+    return strip([tiles[i:i + cols] for i in range(0, len(tiles), cols)], tiles[0].shape[-2:])
+
+
+@torch.no_grad()
+def sample_grid(sd, controlnet, items, control_type, annotator=None, probe=None, steps=20, seed=0):
+    """condition | generated | the probe's reading halfway through sampling, one row per dataset item."""
+    rows, device = [], next(controlnet.parameters()).device
+    for i, item in enumerate(items):
+        given = None if item["control"] is None else item["control"][None].to(device)
+        label = reward.make_label(control_type, annotator, (item["image"][None].to(device) + 1) / 2, given)
+        control = reward.control_image(control_type, label, given)
+        callback, readings = probe_readings(probe, {steps // 2}) if probe is not None else (None, [])
+        image = generate(sd, item["text"], control.float(), controlnet, steps=steps, seed=seed + i, callback=callback)
+        rows.append([control[0], to_tensor(image[0])] + [r[0] for _, r in readings])
+    return strip(rows, rows[0][0].shape[-2:])
 
 
 # -----------------------------------------------------------------------------
@@ -226,48 +281,32 @@ def make_grid(images, cols=None):
 
 
 class CLIError(Exception):
-    """Bad input from the command line: reported as one line on stderr, exit status 2."""
+    """Bad input from the command line or a file it names: reported as one line, with a non-zero exit status."""
 
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of the usage block
-        print(f"sample.py: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
 def load_control(path, size=None):
-    """A control map as (1, 3, H, W) in [0, 1], from an image file in any common mode.
-
-    16-bit maps (I;16, I) keep their precision (full scale = 65535) instead of Pillow's 8-bit clip;
-    alpha is dropped, palettes expanded, grayscale repeated to 3 channels. size (W, H): resized with
-    Lanczos, as the reference pipeline does, unless the map already has that size; None: the map's own
-    size, rounded down to a multiple of 8.
-    """
+    """A control map as (1, 3, H, W) in [0, 1], from an image file in any mode data.to_rgb01 reads (16-bit maps
+    keep their precision). size (W, H): resized with Lanczos, as the reference pipeline does; None: the map's
+    own size, rounded down to a multiple of 8."""
     if not os.path.isfile(path):
         raise CLIError(f"--cond {path}: no such file")
     try:
-        img = Image.open(path)
-        img.load()
+        img = data.open_image(path)
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise CLIError(f"--cond {path}: cannot read it as an image ({e.__class__.__name__})") from None
-    if img.mode.startswith("I"):
-        channels = [np.asarray(img, dtype=np.float32) / 65535]
-    elif img.mode == "F":
-        channels = [np.asarray(img, dtype=np.float32)]
-    else:
-        rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
-        channels = [rgb[..., c] for c in range(3)]
     size = tuple(size) if size is not None else (max(8, img.width // 8 * 8), max(8, img.height // 8 * 8))
-    if img.size != size:
-        channels = [np.asarray(Image.fromarray(c).resize(size, Image.Resampling.LANCZOS)) for c in channels]
-    arr = np.stack([np.clip(c, 0, 1) for c in channels] * (3 // len(channels)))
-    return torch.from_numpy(arr).unsqueeze(0)
+    return torch.from_numpy(data.to_rgb01(img, size=None if img.size == size else size, resample=Image.LANCZOS))[None]
 
 
 def find_shapes_model(run_dir=DEFAULT_SHAPES_RUN):
-    """(weights, controlnet) of the trained shapes world, or None when it has not been trained yet.
-
-    The InnerControl-fine-tuned ControlNet when that stage has finished, else the plain ControlNet."""
+    """(weights, controlnet) of the trained shapes world, or None when it has not been trained yet: the
+    InnerControl-fine-tuned ControlNet when that stage has finished, else the plain ControlNet."""
     def finished(stage, name):
         path = os.path.join(run_dir, stage, name)
         return path if os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, stage, "done.json")) else None
@@ -279,7 +318,7 @@ def find_shapes_model(run_dir=DEFAULT_SHAPES_RUN):
 
 
 def parse_args(argv=None):
-    p = OneLineParser(description="Stable Diffusion 1.x + ControlNet sampling")
+    p = OneLineParser(prog="sample.py", description="Stable Diffusion 1.x + ControlNet sampling")
     p.add_argument("--prompt", required=True)
     p.add_argument("--cond", required=True, help="control map image (depth, soft edges, line art)")
     p.add_argument("--weights", help="SD1.x original single file or diffusers folder "
@@ -320,36 +359,8 @@ def parse_args(argv=None):
     return args
 
 
-def output_paths(out, n):
-    root, ext = os.path.splitext(out)
-    ext = ext or ".png"
-    images = [root + ext] if n == 1 else [f"{root}_{i}{ext}" for i in range(n)]
-    return images, root + "_grid" + ext, root + "_probe" + ext
-
-
-def save_png(image, path, meta):
-    info = PngImagePlugin.PngInfo()
-    for k, v in meta.items():
-        info.add_text(k, str(v))
-    image.save(path, pnginfo=info)
-
-
-def probe_strip(control, readouts, images):
-    """One row per image: control map | the probe's reading at each recorded step | the final image."""
-    h, w = images[0].height, images[0].width
-    rows = []
-    for b, image in enumerate(images):
-        cells = [control[min(b, control.shape[0] - 1)]]
-        for _, reading in readouts:
-            r = torch.nn.functional.interpolate(reading[b:b + 1], size=(h, w), mode="bilinear")[0]
-            cells.append(r.expand(3, -1, -1) if r.shape[0] == 1 else r[:3])
-        cells.append(torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1))
-        rows.append(torch.cat(cells, dim=2))
-    return to_pil(torch.cat(rows, dim=1)[None].clamp(0, 1))[0]
-
-
 def load_models(args, dtype, device):
-    """--weights / --controlnet / --probe -> (sd, controlnet, probe), or a CLIError saying what is wrong."""
+    """--weights / --controlnet / --probe -> (sd, controlnet, probe, weights, controlnet path), or a CLIError."""
     weights, cn_path = args.weights, args.controlnet
     if weights is None:
         found = find_shapes_model()
@@ -360,34 +371,36 @@ def load_models(args, dtype, device):
         weights, cn_path = found[0], cn_path or found[1]
 
     def checked(flag, path, load, *args, **kwargs):
+        if not os.path.exists(path):
+            raise CLIError(f"{flag} {path}: no such file or folder")
         try:
             return load(path, *args, **kwargs)
-        except SafetensorError as e:
-            raise CLIError(f"{flag} {path}: not a valid .safetensors file ({e})") from None
-        except (CheckpointError, ValueError, OSError) as e:
+        except (formats.CheckpointError, ValueError, OSError) as e:
             msg = " ".join(str(e).split())
             raise CLIError(msg if str(path) in msg else f"{flag} {path}: {msg}") from None
 
-    if not os.path.exists(weights):
-        raise CLIError(f"--weights {weights}: no such file or folder")
-    sd = checked("--weights", weights, load_sd, dtype=dtype, device=device)
+    sd = checked("--weights", weights, formats.load_sd, dtype=dtype, device=device)
     if cn_path is None and os.path.isdir(os.path.join(weights, "controlnet")):
         cn_path = os.path.join(weights, "controlnet")
     if cn_path is None:
         raise CLIError(f"no ControlNet for {weights}: pass one with --controlnet PATH (an lllyasviel "
                        ".pth/.safetensors or a diffusers ControlNetModel folder)")
-    if not os.path.exists(cn_path):
-        raise CLIError(f"--controlnet {cn_path}: no such file or folder")
-    cn = checked("--controlnet", cn_path, load_controlnet, sd.unet.config, dtype=dtype, device=device)
-    if args.probe and not os.path.isfile(args.probe):
-        raise CLIError(f"--probe {args.probe}: no such file")
-    probe = checked("--probe", args.probe, load_probe, device=device, dtype=dtype) if args.probe else None
+    cn = checked("--controlnet", cn_path, formats.load_controlnet, sd.unet.config, dtype=dtype, device=device)
+    probe = checked("--probe", args.probe, formats.load_probe, dtype=dtype, device=device) if args.probe else None
     if probe is not None:
         want = ProbeConfig.for_unet(sd.unet.config)
         if (probe.cfg.feature_channels, probe.cfg.time_dim) != (want.feature_channels, want.time_dim):
             raise CLIError(f"--probe {args.probe}: reads decoder features of widths {probe.cfg.feature_channels}, "
                            f"this UNet has {want.feature_channels}; use a probe trained on this base model")
+    fused.install(sd, cn)  # faster layers, same function (fused.py)
     return sd, cn, probe, weights, cn_path
+
+
+def save_png(image, path, meta):
+    info = PngImagePlugin.PngInfo()
+    for k, v in meta.items():
+        info.add_text(k, str(v))
+    image.save(path, pnginfo=info)
 
 
 def main(argv=None):
@@ -402,29 +415,34 @@ def main(argv=None):
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    readouts = [] if probe is not None else None
+    at_steps = {round(i * (args.steps - 1) / 4) for i in range(5)}  # five steps, first to last
+    callback, readings = probe_readings(probe, at_steps) if probe is not None else (None, [])
     images = generate(sd, args.prompt, control, cn, negative_prompt=args.negative_prompt, steps=args.steps,
-                      guidance=args.guidance, control_scale=args.control_scale, sampler=args.sampler,
-                      seed=args.seed, num_images=args.num_images, dtype=dtype, device=device,
-                      probe=probe, readouts=readouts, progress=True)
+                      guidance=args.guidance, control_scale=args.control_scale, sampler=args.sampler, seed=args.seed,
+                      num_images=args.num_images, dtype=dtype, device=device, callback=callback, progress=True)
 
     meta = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                 guidance=args.guidance, control_scale=args.control_scale, sampler=args.sampler,
-                weights=os.path.basename(os.path.normpath(weights)),
-                controlnet=os.path.basename(os.path.normpath(cn_path)),
-                cond=os.path.basename(args.cond), size=f"{images[0].width}x{images[0].height}", dtype=args.dtype)
-    paths, grid_path, probe_path = output_paths(args.out, len(images))
+                weights=os.path.basename(os.path.normpath(weights)), cond=os.path.basename(args.cond),
+                controlnet=os.path.basename(os.path.normpath(cn_path)), size=f"{images[0].width}x{images[0].height}",
+                dtype=args.dtype)
+    root, ext = os.path.splitext(args.out)
+    ext = ext or ".png"
+    paths = [root + ext] if len(images) == 1 else [f"{root}_{i}{ext}" for i in range(len(images))]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for i, (image, path) in enumerate(zip(images, paths)):
         save_png(image, path, dict(meta, index=i) if len(images) > 1 else meta)
     if len(images) > 1:
-        save_png(make_grid(images), grid_path, meta)
-    if probe is not None:
-        save_png(probe_strip(control, readouts, images), probe_path,
+        paths.append(root + "_grid" + ext)
+        save_png(make_grid(images), paths[-1], meta)
+    if probe is not None:  # one row per image: control | the probe's reading at 5 steps | the image
+        rows = [[control[min(b, len(control) - 1)]] + [r[b] for _, r in readings] + [to_tensor(im)]
+                for b, im in enumerate(images)]
+        paths.append(root + "_probe" + ext)
+        save_png(strip(rows, (images[0].height, images[0].width)), paths[-1],
                  dict(meta, probe=os.path.basename(args.probe),
-                      columns="control | " + " | ".join(f"t={t}" for t, _ in readouts) + " | image"))
-    print("wrote " + ", ".join(paths + ([grid_path] if len(images) > 1 else [])
-                              + ([probe_path] if probe is not None else [])))
+                      columns="control | " + " | ".join(f"t={t}" for t, _ in readings) + " | image"))
+    print("wrote " + ", ".join(paths))
 
 
 if __name__ == "__main__":

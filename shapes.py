@@ -1,7 +1,7 @@
 """The shapes world: the whole of InnerControl, from an empty folder, on a 2-core CPU.
 
-`python train.py --control depth` with no --weights runs this. Synthetic 3D scenes (data.py's
-renderer) have exact depth, edges and line art, so every model the method needs can be trained from
+`python train.py --control depth` with no --weights runs this. Synthetic 3D scenes (shapes_render.py) have
+exact depth, edges and line art, so every model the method needs can be trained from
 scratch in minutes and the paper's comparison (arXiv 2507.02321, Table 1) can be re-run in miniature:
 
   1 data          render train and held-out scenes (image, depth, soft edges, line art, caption)
@@ -35,14 +35,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import data
 import eval as evaluation
+import formats
+import fused
 import model
 import reward
+import shapes_render
 import train
-from controlnet import ControlNet, load_controlnet
-from probe import Probe, ProbeConfig, load_probe, probe_output01
+from controlnet import ControlNet
+from formats import load_controlnet, load_probe
+from probe import Probe, ProbeConfig, probe_output01
 
 # Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (25.9 minutes
 # measured on a 2-core Xeon). Seconds per step there (batch): vae 0.33 (8), base 0.64 (32),
@@ -99,9 +104,9 @@ def shapes_config(P, vocab_size, max_len):
 
 
 def control_column(control):
-    """Depth: the exact map is the control. Edges: the annotator reads the image itself, and its
+    """Depth: the exact map is the control. Edges: none; the annotator reads the image itself, and its
     output is both the ControlNet's input and the label (ControlNet++ sec. 3.3)."""
-    return "depth_file_name" if control == "depth" else "file_name"
+    return "depth_file_name" if control == "depth" else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +116,6 @@ def fit(out, modules, loss_fn, steps, lr, save_every=250, desc=""):
     """AdamW on `modules` for `steps` steps; loss_fn(step) draws its own batch and noise from the
     step number, so a resumed run sees exactly the batches it would have. Checkpoints to
     OUT/checkpoint.pt every `save_every` steps and on Ctrl-C. Returns (final loss EMA, s/step)."""
-    from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
@@ -261,9 +265,11 @@ def stage_data(root, P, control):
     if not header(1, "data", d, f"rendering {P['n_train']} + {P['n_test']} scenes at {P['size']} px"):
         t0 = time.perf_counter()
         workers = min(os.cpu_count() or 1, 8) if P["n_train"] >= 200 else 0
-        data.write_shapes_dataset(os.path.join(d, "train"), P["n_train"], seed=1, size=P["size"], control=control,
+        shapes_render.write_shapes_dataset(os.path.join(d, "train"), P["n_train"], seed=1, size=P["size"],
+                                           control=control,
                                   num_workers=workers)
-        data.write_shapes_dataset(os.path.join(d, "test"), P["n_test"], seed=2, size=P["size"], control=control,
+        shapes_render.write_shapes_dataset(os.path.join(d, "test"), P["n_test"], seed=2, size=P["size"],
+                                           control=control,
                                   num_workers=workers if P["n_test"] >= 200 else 0)
         mark_done(d, seconds=time.perf_counter() - t0)
     return os.path.join(d, "train"), os.path.join(d, "test")
@@ -274,7 +280,7 @@ def stage_vae(root, P, cfg, images):
     if not header(2, "vae", d, f"{P['vae_steps']} steps, batch {P['vae_batch']}"):
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        vae = model.VAE(cfg.vae)
+        vae = fused.install(model.VAE(cfg.vae))
 
         def loss_fn(step):
             x = images[batch_indices(step, len(images), P["vae_batch"], 10)]
@@ -302,10 +308,10 @@ def stage_base(root, P, cfg, tokenizer, vae, images, texts):
     d = os.path.join(root, "base")
     path = os.path.join(d, "sd.safetensors")
     if header(3, "base", d, f"text-to-image UNet + text encoder, {P['base_steps']} steps, batch {P['base_batch']}"):
-        return model.load_sd(path)
+        return formats.load_sd(path)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    sd = model.StableDiffusion(cfg, tokenizer)
+    sd = fused.install(model.StableDiffusion(cfg, tokenizer))
     sd.vae.load_state_dict(vae.state_dict())
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 256])[0] for i in range(0, len(images), 256)])
@@ -328,7 +334,7 @@ def stage_base(root, P, cfg, tokenizer, vae, images, texts):
     loss, step_time = fit(d, [sd.unet, sd.text_encoder], loss_fn, P["base_steps"], P["base_lr"], P["save_every"],
                           desc="base")
     sd.eval()
-    model.save_sd(sd, path)
+    formats.save_sd(sd, path)
     mark_done(d, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
     return sd
 
@@ -450,7 +456,7 @@ def finetune_one(root, P, control, method, seed, sd=None, reward_model=None):
     finished stages when not given them, so that it can run in a worker process."""
     d = finetune_dir(root, method, seed)
     if sd is None:
-        sd = model.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
+        sd = formats.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
         reward_model = load_annotators(root, P, control)[0]
     probe = load_probe(os.path.join(root, "probe", "probe.safetensors")) if method == "innercontrol" else None
     _, seconds = run_train_stage(d, P, sd, load_controlnet(os.path.join(root, "controlnet", "controlnet.safetensors")),
@@ -550,7 +556,7 @@ def probe_error_by_timestep(sd, controlnet, probe, reward_model, conds, images, 
     control from the UNet's features, beside the reward model run on the one-step x0 estimate: the
     paper's sec. 3.1 argument, measured (the probe stays usable at high t, the x0 estimate blurs)."""
     g = torch.Generator().manual_seed(seed)
-    label = reward.make_label(control, None if control == "depth" else reward_model, conds)
+    label = reward.make_label(control, reward_model, (images + 1) / 2, conds if control == "depth" else None)
     cond = reward.control_image(control, label, conds)
     context = sd.encode_prompt(texts)
     latents = sd.vae.encode(images)[0] * sd.vae.cfg.scaling_factor
@@ -592,9 +598,10 @@ def evaluate_one(root, P, control, controlnet_path, texts, cond, label, real_fea
     """Generate the held-out scenes (with the ControlNet at controlnet_path, or none) and score them:
     returns (images, controllability, Frechet distance to the real renders on the evaluator's features)."""
     if sd is None:  # in a worker process
-        sd = model.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
+        sd = formats.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
         evaluator = load_annotators(root, P, control)[1]
     controlnet = load_controlnet(controlnet_path) if controlnet_path else None
+    fused.install(sd, controlnet, evaluator)
     # every row starts from the same initial noise (seed P["eval_seed"]): the rows differ only in their
     # ControlNet, and the spread over the fine-tuning seeds is the training's, not the sampler's
     gen = evaluation.generate_images(sd, texts, cond if controlnet is not None else None, controlnet,
@@ -609,7 +616,7 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     d = os.path.join(root, "eval")
     t0 = time.perf_counter()
     images, conds, _, texts = load_arrays(test_dir, control, P["size"])
-    label = reward.make_label(control, None if control == "depth" else reward_model, conds)
+    label = reward.make_label(control, reward_model, (images + 1) / 2, conds if control == "depth" else None)
     cond = reward.control_image(control, label, conds)
     real_features = evaluation.evaluator_features(evaluator, (images + 1) / 2)
     inputs = (texts, cond, label, real_features)
@@ -729,7 +736,7 @@ def _run(root, control):
                              [os.path.join(root, "annotators", name, "console.txt") for name in todo],
                              [f"4/8 annotators/{name}" for name in todo])
     try:
-        tokenizer = model.Tokenizer.word_level(data.SHAPES_VOCAB)
+        tokenizer = model.Tokenizer.word_level(shapes_render.SHAPES_VOCAB)
         cfg = shapes_config(P, tokenizer.vocab_size, max_len=16)
         tokenizer.max_len = cfg.text.max_len
         vae = stage_vae(root, P, cfg, images)

@@ -1,5 +1,5 @@
-"""ControlNet: parity with diffusers' ControlNetModel, loading lllyasviel files, exporting both layouts,
-the guided step."""
+"""ControlNet: parity with diffusers' ControlNetModel (also at odd latent sizes), loading lllyasviel files,
+exporting both layouts, the guided step."""
 import json
 
 import pytest
@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import controlnet as cn
+import formats
 import model
+import sample
 import unet
 from util import max_rel_err, randomize_
 
@@ -17,18 +19,19 @@ TINY = unet.UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_heads=8
 
 def reference(net):
     from diffusers import ControlNetModel
-    ref = ControlNetModel(**cn.controlnet_config_to_diffusers(net))
-    names = cn.controlnet_key_map(net.config, net.hint_block_channels)
+    ref = ControlNetModel(**formats.controlnet_config_to_diffusers(net))
+    names = formats.controlnet_key_map(net.config, net.hint_block_channels)
     ref.load_state_dict({names[k]: v for k, v in net.state_dict().items()}, strict=True)
     return ref.eval()
 
 
 def inputs(size, ctx_dim, batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, size // 8, size // 8, generator=g)
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(batch, 4, h // 8, w // 8, generator=g)
     t = torch.tensor([10, 700][:batch])
     ctx = torch.randn(batch, 77, ctx_dim, generator=g)
-    hint = torch.rand(batch, 3, size, size, generator=g)
+    hint = torch.rand(batch, 3, h, w, generator=g)
     return x, t, ctx, hint
 
 
@@ -47,8 +50,8 @@ def residual_error(net, ref, size, scale=1.0, batch=2):
 def test_key_map_is_one_to_one():
     from diffusers import ControlNetModel
     net = cn.ControlNet(TINY)
-    km = cn.controlnet_key_map(TINY)
-    theirs = ControlNetModel(**cn.controlnet_config_to_diffusers(net)).state_dict()
+    km = formats.controlnet_key_map(TINY)
+    theirs = ControlNetModel(**formats.controlnet_config_to_diffusers(net)).state_dict()
     ours = net.state_dict()
     assert set(km) == set(ours) and set(km.values()) == set(theirs) and len(set(km.values())) == len(km)
     assert all(ours[k].shape == theirs[v].shape for k, v in km.items())
@@ -59,6 +62,11 @@ def test_parity_tiny():
     err = residual_error(net, reference(net), 128, scale=0.7)
     print(f"controlnet parity tiny: {err:.2e}")
     assert err <= TOL
+
+
+def test_parity_at_a_size_the_downsampling_does_not_divide():
+    net = randomize_(cn.ControlNet(TINY), 1).eval()
+    assert residual_error(net, reference(net), (72, 88)) <= TOL  # 9x11 latents
 
 
 @pytest.mark.slow
@@ -110,7 +118,7 @@ def test_new_hint_encoder_passes_the_control_on():
                                            ("", ".safetensors")])
 def test_loads_lllyasviel_layout(tmp_path, prefix, suffix):
     net = randomize_(cn.ControlNet(TINY), 4)
-    loaded = cn.load_controlnet(lllyasviel_file(tmp_path, net, prefix, suffix), unet_cfg=TINY)
+    loaded = formats.load_controlnet(lllyasviel_file(tmp_path, net, prefix, suffix), unet_cfg=TINY)
     assert loaded.config == TINY
     for k, v in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -121,7 +129,7 @@ def test_loads_only_the_controlnet_from_a_full_v10_file(tmp_path):
     net = randomize_(cn.ControlNet(TINY), 5)
     extra = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),
              "first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3), "betas": torch.zeros(10)}
-    loaded = cn.load_controlnet(lllyasviel_file(tmp_path, net, "control_model.", ".pth", extra), unet_cfg=TINY,
+    loaded = formats.load_controlnet(lllyasviel_file(tmp_path, net, "control_model.", ".pth", extra), unet_cfg=TINY,
                                 dtype=torch.bfloat16)
     assert next(loaded.parameters()).dtype == torch.bfloat16
     for k, v in net.state_dict().items():
@@ -131,31 +139,31 @@ def test_loads_only_the_controlnet_from_a_full_v10_file(tmp_path):
 def test_refuses_misfit_and_wrong_files(tmp_path):
     net = cn.ControlNet(TINY)
     path = tmp_path / "cn.safetensors"
-    cn.save_controlnet(net, path)
+    formats.save_controlnet(net, path)
     other = unet.UNetConfig(**{**TINY.__dict__, "context_dim": 32})
-    with pytest.raises(model.CheckpointError, match="does not fit the UNet"):
-        cn.load_controlnet(path, unet_cfg=other)
+    with pytest.raises(formats.CheckpointError, match="does not fit the UNet"):
+        formats.load_controlnet(path, unet_cfg=other)
     wider = unet.UNetConfig(**{**TINY.__dict__, "model_channels": 64})
-    with pytest.raises(model.CheckpointError, match="model_channels 32 vs 64"):
-        cn.load_controlnet(path, unet_cfg=wider)
+    with pytest.raises(formats.CheckpointError, match="model_channels 32 vs 64"):
+        formats.load_controlnet(path, unet_cfg=wider)
     sd_file = tmp_path / "sd.safetensors"
     save_file({"model.diffusion_model." + k: v.contiguous() for k, v in unet.UNet(TINY).state_dict().items()},
               str(sd_file))
-    with pytest.raises(model.CheckpointError, match="full Stable Diffusion"):
-        cn.load_controlnet(sd_file)
-    cn.export_diffusers(net, tmp_path / "folder")
-    with pytest.raises(model.CheckpointError, match="pass its folder"):
-        cn.load_controlnet(tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(model.CheckpointError, match="not a diffusers ControlNetModel folder"):
-        cn.load_controlnet(tmp_path)
+    with pytest.raises(formats.CheckpointError, match="full Stable Diffusion"):
+        formats.load_controlnet(sd_file)
+    formats.export_diffusers(net, tmp_path / "folder")
+    with pytest.raises(formats.CheckpointError, match="pass its folder"):
+        formats.load_controlnet(tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(formats.CheckpointError, match="not a diffusers ControlNetModel folder"):
+        formats.load_controlnet(tmp_path)
 
 
 def test_our_file_keeps_heads_and_groups(tmp_path):
     cfg = unet.UNetConfig(**{**TINY.__dict__, "num_heads": 4, "norm_groups": 16})
     net = randomize_(cn.ControlNet(cfg), 7)
-    cn.save_controlnet(net, tmp_path / "cn.safetensors")
+    formats.save_controlnet(net, tmp_path / "cn.safetensors")
     assert all(k.startswith("control_model.") for k in load_file(tmp_path / "cn.safetensors"))
-    assert cn.load_controlnet(tmp_path / "cn.safetensors").config == cfg
+    assert formats.load_controlnet(tmp_path / "cn.safetensors").config == cfg
 
 
 def test_export_round_trip(tmp_path):
@@ -163,31 +171,31 @@ def test_export_round_trip(tmp_path):
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
     net = randomize_(cn.ControlNet(TINY), 6).eval()
     # the diffusers folder loads with diffusers' own from_pretrained ...
-    cn.export_diffusers(net, tmp_path / "folder")
+    formats.export_diffusers(net, tmp_path / "folder")
     ref = ControlNetModel.from_pretrained(tmp_path / "folder").eval()
     assert residual_error(net, ref, 64) <= TOL
     # ... and with ours
-    back = cn.load_controlnet(tmp_path / "folder", unet_cfg=TINY)
+    back = formats.load_controlnet(tmp_path / "folder", unet_cfg=TINY)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in net.state_dict().items())
     # the original-layout export (control_model. prefix) goes through diffusers' own converter
-    cn.save_controlnet(net, tmp_path / "cn.safetensors")
+    formats.save_controlnet(net, tmp_path / "cn.safetensors")
     converted = convert_controlnet_checkpoint(load_file(tmp_path / "cn.safetensors"),
                                               {"layers_per_block": TINY.num_res_blocks})
-    ref2 = ControlNetModel(**cn.controlnet_config_to_diffusers(net))
+    ref2 = ControlNetModel(**formats.controlnet_config_to_diffusers(net))
     ref2.load_state_dict(converted, strict=True)
     assert residual_error(net, ref2.eval(), 64) <= TOL
 
 
 def test_bgr_folder_is_flipped_to_rgb(tmp_path):
     net = randomize_(cn.ControlNet(TINY), 8).eval()
-    cn.export_diffusers(net, tmp_path / "bgr")
+    formats.export_diffusers(net, tmp_path / "bgr")
     c = json.loads((tmp_path / "bgr" / "config.json").read_text())
     c["controlnet_conditioning_channel_order"] = "bgr"
     (tmp_path / "bgr" / "config.json").write_text(json.dumps(c))
     w = load_file(tmp_path / "bgr" / "diffusion_pytorch_model.safetensors")
     w["controlnet_cond_embedding.conv_in.weight"] = w["controlnet_cond_embedding.conv_in.weight"].flip(1).contiguous()
     save_file(w, str(tmp_path / "bgr" / "diffusion_pytorch_model.safetensors"))
-    back = cn.load_controlnet(tmp_path / "bgr")
+    back = formats.load_controlnet(tmp_path / "bgr")
     x, t, ctx, hint = inputs(64, 64)
     with torch.no_grad():
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(back(x, t, ctx, hint), net(x, t, ctx, hint)))
@@ -198,7 +206,7 @@ def test_guided_eps_matches_the_plain_doubled_batch():
     net = randomize_(cn.ControlNet(TINY), 2).eval()
     x, _, _, hint = inputs(64, 64)
     ctx = torch.randn(4, 7, 64)
-    eps = cn.guided_eps(u, net, x, 500, ctx, hint, guidance=7.5, control_scale=0.8)
+    eps = sample.guided_eps(u, net, x, 500, ctx, hint, guidance=7.5, control_scale=0.8)
     with torch.no_grad():  # the plain way: latents and hint repeated for both halves
         x2, h2, t2 = torch.cat([x, x]), torch.cat([hint, hint]), torch.tensor([500] * 4)
         e = u(x2, t2, ctx, control=net(x2, t2, ctx, h2, scale=0.8))
@@ -206,8 +214,8 @@ def test_guided_eps_matches_the_plain_doubled_batch():
     assert eps.shape == x.shape
     assert max_rel_err(eps, un + 7.5 * (co - un)) <= 1e-5
     # a single hint shared by every latent
-    eps1 = cn.guided_eps(u, net, x, 500, ctx, hint[:1], guidance=7.5)
-    eps2 = cn.guided_eps(u, net, x, 500, ctx, hint[:1].expand(2, -1, -1, -1), guidance=7.5)
+    eps1 = sample.guided_eps(u, net, x, 500, ctx, hint[:1], guidance=7.5)
+    eps2 = sample.guided_eps(u, net, x, 500, ctx, hint[:1].expand(2, -1, -1, -1), guidance=7.5)
     assert max_rel_err(eps1, eps2) <= 1e-5
 
 

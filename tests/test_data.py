@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import shapes_render
 
 R = 16
 
@@ -62,7 +63,7 @@ def test_read_metadata(tmp_path):
     write_dataset(tmp_path, [dict(file_name="a.png", text="x"), "{not json"])
     with pytest.raises(ValueError, match="line 2"):
         data.read_metadata(root)
-    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+    with pytest.raises(data.DataError, match="metadata.jsonl"):
         data.read_metadata(tmp_path / "nowhere")
 
 
@@ -271,7 +272,7 @@ def test_loader_rejects_too_small_dataset(tmp_path):
 
 
 def test_render_is_deterministic():
-    a, b, c = data.render_scene(7), data.render_scene(7), data.render_scene(8)
+    a, b, c = shapes_render.render_scene(7), shapes_render.render_scene(7), shapes_render.render_scene(8)
     for k in ("image", "depth", "hed", "lineart", "ids"):
         assert np.array_equal(a[k], b[k])
     assert a["text"] == b["text"]
@@ -279,16 +280,16 @@ def test_render_is_deterministic():
     assert a["image"].shape == (64, 64, 3) and a["image"].dtype == np.uint8
     for k in ("depth", "hed", "lineart"):
         assert a[k].shape == (64, 64) and a[k].dtype == np.uint8
-    assert data.render_scene((1, 2), size=32)["image"].shape == (32, 32, 3)
+    assert shapes_render.render_scene((1, 2), size=32)["image"].shape == (32, 32, 3)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_render_sanity(seed):
-    s = data.render_scene(seed)
+    s = shapes_render.render_scene(seed)
     ids, depth = s["ids"], s["depth"].astype(int)
     # caption: every word in the vocabulary, one phrase per object, nothing about position
     words = s["text"].split()
-    assert set(words) <= set(data.SHAPES_VOCAB)
+    assert set(words) <= set(shapes_render.SHAPES_VOCAB)
     assert s["text"].count(" and ") == len(s["objects"]) - 1
     for o in s["objects"]:
         assert f"{o['colour']} {o['shape']}" in s["text"]
@@ -314,10 +315,10 @@ def test_render_sanity(seed):
 
 
 def test_shapes_dataset_reads_back(tmp_path):
-    data.write_shapes_dataset(tmp_path, 5, seed=3, size=32, control="hed")
+    shapes_render.write_shapes_dataset(tmp_path, 5, seed=3, size=32, control="hed")
     rows = [json.loads(line) for line in open(tmp_path / "metadata.jsonl")]
     assert len(rows) == 5 and rows[0]["conditioning_file_name"] == rows[0]["hed_file_name"]
-    scene = data.render_scene((3, 4), size=32)
+    scene = shapes_render.render_scene((3, 4), size=32)
     assert rows[4]["text"] == scene["text"]
     for column, key in (("conditioning_file_name", "hed"), ("depth_file_name", "depth"),
                         ("lineart_file_name", "lineart")):

@@ -216,17 +216,18 @@ def test_main_end_to_end(tmp_path, capsys):
     """`python eval.py` on tiny files of each kind: a Stable Diffusion file, a ControlNet, a DPT folder in
     the transformers layout, an imagefolder dataset; writes one score per generated image."""
     import controlnet
-    import data
+    import formats
     import model
     import reward
+    import shapes_render
     from safetensors.torch import save_file
     torch.manual_seed(0)
-    tok = model.Tokenizer.word_level(data.SHAPES_VOCAB, max_len=8)
+    tok = model.Tokenizer.word_level(shapes_render.SHAPES_VOCAB, max_len=8)
     cfg = model.tiny()
     cfg.text = model.TextConfig(vocab_size=tok.vocab_size, width=64, layers=1, heads=2, max_len=8, mlp_dim=64)
     sd = model.StableDiffusion(cfg, tok).eval()
-    model.save_sd(sd, tmp_path / "sd.safetensors")
-    controlnet.save_controlnet(controlnet.ControlNet.from_unet(sd.unet), tmp_path / "cn.safetensors")
+    formats.save_sd(sd, tmp_path / "sd.safetensors")
+    formats.save_controlnet(controlnet.ControlNet.from_unet(sd.unet), tmp_path / "cn.safetensors")
     dpt_cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
                    patch_size=8, backbone_out_indices=[0, 1, 0, 1], neck_hidden_sizes=[8, 16, 32, 32],
                    fusion_hidden_size=16)
@@ -234,7 +235,7 @@ def test_main_end_to_end(tmp_path, capsys):
     (tmp_path / "dpt").mkdir()
     (tmp_path / "dpt" / "config.json").write_text(json.dumps(dpt_cfg))
     save_file({k: v.contiguous() for k, v in dpt.state_dict().items()}, str(tmp_path / "dpt" / "model.safetensors"))
-    data.write_shapes_dataset(tmp_path / "val", 3, seed=0, size=64)
+    shapes_render.write_shapes_dataset(tmp_path / "val", 3, seed=0, size=64)
     evaluation.main(["--control", "depth", "--weights", str(tmp_path / "sd.safetensors"),
                      "--controlnet", str(tmp_path / "cn.safetensors"), "--data", str(tmp_path / "val"),
                      "--evaluator", str(tmp_path / "dpt"), "--num", "2", "--images-per-cond", "2", "--steps", "2",

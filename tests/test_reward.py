@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import formats
+import fused
 import reward
 from util import max_rel_err, randomize_
 
@@ -135,10 +137,10 @@ def test_load_dpt_folder(tmp_path, fmt):
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     save_file(sd, tmp_path / fmt) if fmt.endswith("safetensors") else torch.save(sd, tmp_path / fmt)
     x = image(1, 3, 64, 64)
-    for loaded in (reward.load_dpt(str(tmp_path)), reward.load_dpt(str(tmp_path / fmt))):
+    for loaded in (formats.load_dpt(str(tmp_path)), formats.load_dpt(str(tmp_path / fmt))):
         with torch.no_grad():
             assert torch.equal(loaded(x), ours(x))
-    frozen = reward.load_reward_model("depth", str(tmp_path), dtype=torch.bfloat16)
+    frozen = formats.load_reward_model("depth", str(tmp_path), dtype=torch.bfloat16)
     assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
     assert frozen.dpt.layernorm.weight.dtype == torch.bfloat16
     with torch.no_grad():
@@ -151,7 +153,7 @@ def test_load_dpt_rejects_wrong_keys(tmp_path):
     sd = {("x." + k if k.startswith("head.") else k): v.contiguous() for k, v in ref.state_dict().items()}
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="missing"):
-        reward.load_dpt(str(tmp_path))
+        formats.load_dpt(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,18 +274,18 @@ def test_load_reward_model_annotators(tmp_path, fmt):
     for control, sd in (("hed", hed_state_dict()), ("lineart", lineart_state_dict(n_res=2))):
         path = str(tmp_path / f"{control}.{fmt}")
         save_file(sd, path) if fmt == "safetensors" else torch.save(sd, path)
-        model = reward.load_reward_model(control, path)
+        model = formats.load_reward_model(control, path)
         assert not model.training and not any(p.requires_grad for p in model.parameters())
         assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
         with torch.no_grad():
             assert model(image(1, 3, 32, 32)).shape == (1, 1, 32, 32)
-        assert reward.load_reward_model(control, path, dtype=torch.bfloat16).norm.dtype == torch.bfloat16 \
+        assert formats.load_reward_model(control, path, dtype=torch.bfloat16).norm.dtype == torch.bfloat16 \
             if control == "hed" else True
     bad = str(tmp_path / f"bad.{fmt}")
     sd = {"module." + k: v for k, v in hed_state_dict().items()}
     save_file(sd, bad) if fmt == "safetensors" else torch.save(sd, bad)
     with pytest.raises(ValueError, match="missing"):
-        reward.load_reward_model("hed", bad)
+        formats.load_reward_model("hed", bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -304,7 +306,7 @@ def test_depth_label():
     label = reward.depth_label(control)
     assert label.shape == (1, 1, 1, 2)
     assert torch.allclose(label, torch.tensor([[[[0.4, 1.0]]]]))
-    assert torch.equal(reward.make_label("depth", None, control), label)
+    assert torch.equal(reward.make_label("depth", None, torch.rand(1, 3, 1, 2), control), label)
 
 
 def test_probe_to_label_space():
@@ -320,21 +322,24 @@ def test_probe_to_label_space():
 
 
 def test_labels_controls_and_reward_predictions_of_annotators():
+    """hed / lineart: the label is the annotator run on the RGB image (upstream's), never on a control map; a stored
+    annotator output, when given, is the label itself. The ControlNet sees the label (hed) or its inverse (lineart)."""
     hed, lineart = reward.HED().eval(), reward.LineArt().eval()
     hed.load_state_dict(hed_state_dict())
     lineart.load_state_dict(lineart_state_dict())
-    cond = image(2, 3, 32, 32)
+    image01, stored = image(2, 3, 32, 32), image(2, 1, 32, 32, seed=5).expand(-1, 3, -1, -1)
     for control, model in (("hed", hed), ("lineart", lineart)):
-        label = reward.make_label(control, model, cond)
+        label = reward.make_label(control, model, image01)
         assert label.shape == (2, 1, 32, 32) and not label.requires_grad
         with torch.no_grad():
-            assert torch.equal(label, model(cond))
-            assert torch.equal(reward.reward_prediction(control, model, cond), label)
-    lab = reward.make_label("lineart", lineart, cond)
-    assert torch.equal(reward.control_image("lineart", lab, cond), (1 - lab).expand(-1, 3, -1, -1))
-    lab = reward.make_label("hed", hed, cond)
-    assert torch.equal(reward.control_image("hed", lab, cond), lab.expand(-1, 3, -1, -1))
-    assert reward.control_image("depth", None, cond) is cond
+            assert torch.equal(label, model(image01))
+            assert torch.equal(reward.reward_prediction(control, model, image01), label)
+        torch.testing.assert_close(reward.make_label(control, model, image01, stored), stored[:, :1])
+    lab = reward.make_label("lineart", lineart, image01)
+    assert torch.equal(reward.control_image("lineart", lab), (1 - lab).expand(-1, 3, -1, -1))
+    lab = reward.make_label("hed", hed, image01)
+    assert torch.equal(reward.control_image("hed", lab), lab.expand(-1, 3, -1, -1))
+    assert reward.control_image("depth", None, stored) is stored
 
 
 def test_reward_gradients_reach_the_image():
@@ -362,43 +367,12 @@ def saved_bytes(fn):
     return total[0], out
 
 
-@pytest.mark.parametrize("stride,padding,groups", [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, 3, 1)])
-def test_frozen_conv_keeps_only_the_weight(stride, padding, groups):
-    """A frozen conv's input gradient equals autograd's, and its input is not kept for the backward."""
-    g = torch.Generator().manual_seed(0)
-    k = 7 if padding == 3 else 3 if padding else 1
-    w, b = torch.randn(8, 8 // groups, k, k, generator=g), torch.randn(8, generator=g)
-    x0 = torch.randn(2, 8, 20, 20, generator=g)
-    grads, saved = [], []
-    for conv in (F.conv2d, reward.conv2d):
-        x = x0.clone().requires_grad_()
-        n, y = saved_bytes(lambda: conv(x, w, b, stride, padding, 1, groups))
-        y.square().sum().backward()
-        grads.append(x.grad)
-        saved.append(n)
-    assert max_rel_err(grads[1], grads[0]) < 1e-5
-    assert saved[0] >= x0.numel() * 4 and saved[1] == w.numel() * 4  # autograd keeps x; ours only the weight
-    # a trainable weight still gets its gradient (plain conv)
-    wt = w.clone().requires_grad_()
-    reward.conv2d(x0.clone().requires_grad_(), wt, b, stride, padding, 1, groups).sum().backward()
-    assert wt.grad is not None
-
-
-def test_frozen_conv_under_bf16_autocast():
-    conv = reward.Conv2d(4, 8, 3, padding=1).requires_grad_(False)
-    x = torch.randn(1, 4, 16, 16).requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv(x)
-    assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
-    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
-
-
 def test_frozen_dpt_keeps_less_for_the_backward():
-    """The reward path back-propagates through the frozen DPT: its convs keep no inputs, with the same gradient."""
+    """The reward path back-propagates through the frozen DPT: with fused.py's convs it keeps no conv inputs, and
+    the gradient stays transformers' own."""
     ref, dpt = reference_and_ours(HYBRID)
     ref.requires_grad_(False)
-    dpt.requires_grad_(False)
+    fused.install(dpt.requires_grad_(False))
     x0 = image(1, 3, 64, 64) * 2 - 1
     x_ref, x_ours = x0.clone().requires_grad_(), x0.clone().requires_grad_()
     n_ref, y_ref = saved_bytes(lambda: ref(x_ref).predicted_depth)

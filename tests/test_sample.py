@@ -15,14 +15,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import formats
 import model
 import sample
-import unet
-from probe import Probe, ProbeConfig, save_probe
+from formats import save_probe
+from probe import Probe, ProbeConfig
+from test_model import clip_vocab
 from util import randomize_
 
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                       set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+# stable-diffusion-v1-5's scheduler/scheduler_config.json as published: a PNDMScheduler's, with no timestep_spacing
+SD15_PUBLISHED = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}
 
 
 def fake_eps(x, t):
@@ -61,13 +68,22 @@ def sd15_alphas_cumprod():
     return torch.cumprod(1 - betas, 0)
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m"])
-@pytest.mark.parametrize("steps", [1, 2, 7, 10, 20, 50])
+def reference_unipc():
+    """UniPC as ControlNet++'s evaluation builds it: from_config of the SD1.5 pipeline's scheduler (a PNDMScheduler
+    whose own default spacing, "leading", is marked as a default and so not carried over: UniPC's "linspace")."""
+    from diffusers import PNDMScheduler, UniPCMultistepScheduler
+    return UniPCMultistepScheduler.from_config(PNDMScheduler.from_config(SD15_PUBLISHED).config)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m", "unipc"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 10, 20, 25, 50])
 def test_sampler_matches_diffusers(name, steps):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     if name == "ddim":
         ref = DDIMScheduler(**SD15_SCHEDULER)
+    elif name == "unipc":
+        ref = reference_unipc()
     else:  # what swapping DPM-Solver++ into an SD1.5 pipeline gives: from_config of its scheduler config
         ref = DPMSolverMultistepScheduler.from_config(DDIMScheduler(**SD15_SCHEDULER).config,
                                                       algorithm_type="dpmsolver++", solver_order=2)
@@ -87,10 +103,38 @@ def test_sampler_matches_diffusers(name, steps):
 def test_sampler_timesteps_sd15():
     assert sample.ddim_timesteps(20)[:3] == [951, 901, 851] and sample.ddim_timesteps(20)[-1] == 1
     assert sample.dpmpp_2m_timesteps(20)[:2] == [941, 894] and sample.dpmpp_2m_timesteps(20)[-1] == 48
-    with pytest.raises(ValueError):
-        sample.ddim_timesteps(0)
-    with pytest.raises(ValueError):
-        sample.dpmpp_2m_timesteps(1000)
+    assert sample.unipc_timesteps(20)[:3] == [999, 949, 899] and sample.unipc_timesteps(20)[10:] == list(range(500, 0, -50))
+    for fn, bad in ((sample.ddim_timesteps, 0), (sample.dpmpp_2m_timesteps, 1000), (sample.unipc_timesteps, 1000)):
+        with pytest.raises(ValueError):
+            fn(bad)
+
+
+def test_unipc_configuration_and_every_step_count():
+    ref = reference_unipc()
+    c = ref.config
+    assert (c.timestep_spacing, c.solver_order, c.solver_type, c.predict_x0, c.lower_order_final) == \
+        ("linspace", 2, "bh2", True, True)
+    assert (c.final_sigmas_type, c.prediction_type, list(c.disable_corrector)) == ("zero", "epsilon", [])
+    for steps in range(1, 1000):
+        ref.set_timesteps(steps)
+        assert sample.unipc_timesteps(steps) == ref.timesteps.tolist(), steps
+
+
+@pytest.mark.parametrize("steps", [1, 2, 20])
+def test_unipc_first_order_steps_are_ddim(steps):
+    """UniPC's first step (no history) is DDIM to the next timestep, and its last DDIM to abar = 1 (x0_hat); with 1
+    or 2 steps there is no second-order step, so the whole trajectory is DDIM."""
+    abar = sd15_alphas_cumprod().tolist() + [1.0]
+
+    def ddim_step(x, t, t_next):
+        x0 = (x - (1 - abar[t]) ** 0.5 * fake_eps(x, t)) / abar[t] ** 0.5
+        return abar[t_next] ** 0.5 * x0 + (1 - abar[t_next]) ** 0.5 * fake_eps(x, t)
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ts, traj = our_trajectory(sample.unipc, steps, x, sd15_alphas_cumprod())
+    for i, (t, t_next) in enumerate(zip(ts, ts[1:] + [-1])):  # abar[-1] is the appended 1
+        if i in (0, steps - 1) or steps <= 2:
+            torch.testing.assert_close(traj[i], ddim_step(x if i == 0 else traj[i - 1], t, t_next), rtol=1e-5, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -125,17 +169,15 @@ def world(tmp_path_factory, one_thread):
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from controlnet import load_controlnet
-
     d = tmp_path_factory.mktemp("sample")
     cfg = model.tiny()
     # 64-wide heads, as CLIP has them: a single file without metadata gives the head count no other way
     cfg.text = dataclasses.replace(cfg.text, heads=cfg.text.width // 64)
-    unet_ref = randomize_(UNet2DConditionModel(**unet.unet_config_to_diffusers(cfg.unet)), 1)
+    unet_ref = randomize_(UNet2DConditionModel(**formats.unet_config_to_diffusers(cfg.unet)), 1)
     controlnet_ref = randomize_(ControlNetModel.from_unet(unet_ref), 2)  # zero convs made non-zero too
-    vae_ref = randomize_(AutoencoderKL(**model.vae_config_to_diffusers(cfg.vae)), 3)
-    text_ref = randomize_(CLIPTextModel(CLIPTextConfig(**model.text_config_to_transformers(cfg.text))), 4)
-    vocab, merges = model.clip_vocab_from_bpe_gz()
+    vae_ref = randomize_(AutoencoderKL(**formats.vae_config_to_diffusers(cfg.vae)), 3)
+    text_ref = randomize_(CLIPTextModel(CLIPTextConfig(**formats.text_config_to_transformers(cfg.text))), 4)
+    vocab, merges = clip_vocab()
     (d / "tok").mkdir()
     (d / "tok" / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (d / "tok" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
@@ -154,10 +196,10 @@ def world(tmp_path_factory, one_thread):
 
     # the same weights as an original single file (no config metadata: the architecture comes from the
     # tensor shapes) and a ControlNet file in lllyasviel's layout (control_model. prefix, .pth)
-    sd = model.load_sd(folder)
-    model.save_sd(sd, d / "with-meta.safetensors")
+    sd = formats.load_sd(folder)
+    formats.save_sd(sd, d / "with-meta.safetensors")
     save_file(load_file(d / "with-meta.safetensors"), d / "tiny-sd.safetensors")
-    net = load_controlnet(folder / "controlnet", sd.unet.config)
+    net = formats.load_controlnet(folder / "controlnet", sd.unet.config)
     torch.save({"control_model." + k: v for k, v in net.state_dict().items()}, d / "control_tiny.pth")
 
     control_image().save(d / "cond.png")
@@ -173,6 +215,8 @@ def reference(world, prompt, scheduler="ddim", num_images=1):
     if scheduler == "dpmpp-2m":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                                  solver_order=2)
+    elif scheduler == "unipc":
+        pipe.scheduler = reference_unipc()
     latents = torch.randn((num_images, 4, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(SEED))
     out = pipe(prompt, image=Image.open(world.cond), negative_prompt=NEGATIVE, num_inference_steps=STEPS,
                guidance_scale=7.5, latents=latents, height=SIZE, width=SIZE, num_images_per_prompt=num_images,
@@ -226,6 +270,30 @@ def test_cli_matches_diffusers_dpmpp_2m_long_prompt(world):
     assert r.returncode == 0, r.stderr
     assert "truncated" in r.stderr  # and the reference truncates the same way: BOS + 75 tokens + EOS
     check_close(png(world.dir / "dpm.png"), reference(world, LONG_PROMPT, "dpmpp-2m")[0])
+
+
+def test_cli_matches_diffusers_unipc(world):
+    r = run_cli("--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--cond", world.cond, "--weights", world.folder,
+                "--sampler", "unipc", "--steps", STEPS, "--seed", SEED, "--out", world.dir / "unipc.png", cwd=world.dir)
+    assert r.returncode == 0, r.stderr
+    check_close(png(world.dir / "unipc.png"), reference(world, PROMPT, "unipc")[0])
+
+
+def test_cli_at_a_size_the_unet_does_not_divide(world):
+    """A 88x72 map (9x11 latents; three halvings do not divide 9): the decoder's upsamplings land on the skips'
+    sizes, and the image is the diffusers pipeline's."""
+    from diffusers import DDIMScheduler
+    control_image(96).crop((0, 0, 88, 72)).save(world.dir / "cond-88x72.png")
+    r = run_cli("--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--cond", world.dir / "cond-88x72.png", "--weights",
+                world.folder, "--steps", STEPS, "--seed", SEED, "--out", world.dir / "odd.png", cwd=world.dir)
+    assert r.returncode == 0, r.stderr
+    world.pipe.scheduler = DDIMScheduler(**SD15_SCHEDULER)
+    latents = torch.randn((1, 4, 9, 11), generator=torch.Generator("cpu").manual_seed(SEED))
+    ref = world.pipe(PROMPT, image=Image.open(world.dir / "cond-88x72.png"), negative_prompt=NEGATIVE,
+                     num_inference_steps=STEPS, guidance_scale=7.5, latents=latents, height=72, width=88,
+                     output_type="np").images[0]
+    assert png(world.dir / "odd.png").shape == (72, 88, 3)
+    check_close(png(world.dir / "odd.png"), (ref * 255).round().astype(np.uint8))
 
 
 def test_cli_batch_grid_and_probe_strip(world):
@@ -339,14 +407,12 @@ def test_cli_bad_input_subprocess(bad_files, name):
 
 
 def test_cli_uses_trained_shapes_world_by_default(world, tmp_path, monkeypatch):
-    from controlnet import load_controlnet, save_controlnet
-
     run = tmp_path / sample.DEFAULT_SHAPES_RUN
     for stage in ("base", "controlnet"):
         (run / stage).mkdir(parents=True)
         (run / stage / "done.json").write_text("{}")
     shutil.copy(world.dir / "with-meta.safetensors", run / "base" / "sd.safetensors")
-    save_controlnet(load_controlnet(world.controlnet_file), run / "controlnet" / "controlnet.safetensors")
+    formats.save_controlnet(formats.load_controlnet(world.controlnet_file), run / "controlnet" / "controlnet.safetensors")
     monkeypatch.chdir(tmp_path)
     sample.main(["--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--cond", str(world.cond), "--steps", str(STEPS),
                  "--seed", str(SEED), "--out", "default.png"])  # no --size: the map's own 64x64

@@ -15,9 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import controlnet
-import model
-import probe as probe_mod
+import formats
 import shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +76,7 @@ def test_every_stage_runs_and_prints_the_table(smoke):
 
 def test_checkpoints_load(smoke):
     out = smoke[0]
-    sd = model.load_sd(os.path.join(out, "base", "sd.safetensors"))
+    sd = formats.load_sd(os.path.join(out, "base", "sd.safetensors"))
     vae_info = json.load(open(os.path.join(out, "vae", "done.json")))
     assert sd.vae.cfg.scaling_factor == pytest.approx(vae_info["scaling_factor"])
     assert sd.vae.cfg.ch == shapes.PRESET["vae_ch"]
@@ -92,7 +90,7 @@ def test_checkpoints_load(smoke):
     x = torch.randn(1, 4, 8, 8)
     context = sd.encode_prompt(["a red sphere"])
     hint = torch.rand(1, 3, 64, 64)
-    start = controlnet.load_controlnet(os.path.join(out, "controlnet", "controlnet.safetensors"), sd.unet.config)
+    start = formats.load_controlnet(os.path.join(out, "controlnet", "controlnet.safetensors"), sd.unet.config)
     residuals = start(x, 500, context, hint)
     assert len(residuals) == 13 and residuals[0].shape == (1, 32, 8, 8)
     # stage 5 trained the zero convs away from zero: the ControlNet acts on the UNet
@@ -100,12 +98,12 @@ def test_checkpoints_load(smoke):
     start_sd = start.state_dict()
     for method in shapes.METHODS:
         for seed in shapes.SMOKE["seeds"]:
-            net = controlnet.load_controlnet(os.path.join(out, "finetune", f"{method}-seed{seed}",
+            net = formats.load_controlnet(os.path.join(out, "finetune", f"{method}-seed{seed}",
                                                           "controlnet.safetensors"), sd.unet.config)
             moved = max((v - start_sd[k]).abs().max().item() for k, v in net.state_dict().items())
             assert moved > 0, f"{method} seed {seed} did not change the ControlNet"
 
-    probe = probe_mod.load_probe(os.path.join(out, "probe", "probe.safetensors"))
+    probe = formats.load_probe(os.path.join(out, "probe", "probe.safetensors"))
     with torch.no_grad():
         _, feats = sd.unet(x, 500, context, control=residuals, return_features=True)
         assert probe(feats).shape == (1, 3, 8, 8)

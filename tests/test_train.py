@@ -1,4 +1,5 @@
 """train.py: the loss math, the probe's wiring, gradients, resume, bad data, NaN handling, DDP."""
+import copy
 import json
 import os
 import subprocess
@@ -7,12 +8,16 @@ import sys
 import pytest
 import torch
 
+import controlnet
 import data
+import formats
 import model
 import reward
+import shapes_render
 import train
-from probe import Probe, ProbeConfig, save_probe
-from tests.util import randomize_
+from formats import save_probe
+from probe import Probe, ProbeConfig
+from util import randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DPT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64,
@@ -27,7 +32,7 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     sd = model.StableDiffusion(model.tiny(), model.Tokenizer.from_bpe_gz())
     randomize_(sd.vae, 1)
-    model.save_sd(sd, str(root / "sd.safetensors"))
+    formats.save_sd(sd, str(root / "sd.safetensors"))
     probe = Probe(ProbeConfig.for_unet(sd.unet.config))
     save_probe(probe, str(root / "probe.safetensors"))
     dpt = reward.DPT(reward.DPTConfig.from_dict(TINY_DPT))
@@ -36,7 +41,7 @@ def world(tmp_path_factory):
         json.dump(TINY_DPT, f)
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in dpt.state_dict().items()}, str(root / "dpt" / "model.safetensors"))
-    data.write_shapes_dataset(root / "data", 16, seed=0, size=64)
+    shapes_render.write_shapes_dataset(root / "data", 16, seed=0, size=64)
     return root
 
 
@@ -105,6 +110,32 @@ def test_reward_path_decodes_only_eligible_rows(world):
     losses = train.training_step(models, fake_batch(), t, n, torch.zeros_like(n), args,
                                  train.eligible_counts(args, t))
     assert rows_decoded == [] and losses["reward"].item() == 0.0
+
+
+@pytest.mark.parametrize("control", ["hed", "lineart"])
+def test_edge_labels_come_from_the_image(world, control):
+    """hed / lineart: the annotator runs on the RGB training image, whatever control column the rows carry (never
+    on a control map: annotator(annotator(image)) would train on the wrong target); a stored label is taken as is."""
+    args = train.parse_args(base_argv(world, "unused", "--control", control, "--method", "controlnet++"))
+    seen = []
+
+    class Annotator(torch.nn.Module):  # a stand-in annotator that records what it reads
+        def forward(self, image01):
+            seen.append(image01.clone())
+            return image01.mean(1, keepdim=True)
+    sd = formats.load_sd(args.weights)
+    ann = Annotator()
+    models = train.Models(args, sd, controlnet.ControlNet.from_unet(sd.unet), reward_model=ann, annotator=ann)
+    # what the loader yields without --label-column: no control at all
+    batch, t, n = dict(fake_batch(), control=None), torch.tensor([100, 150, 600, 900]), torch.randn(4, 4, 8, 8)
+    train.training_step(models, batch, t, n, torch.zeros_like(n), args, train.eligible_counts(args, t))
+    torch.testing.assert_close(seen[0], (batch["image"] + 1) / 2)  # the label: from the image
+    assert [s.shape[0] for s in seen] == [4, 2]  # then the reward on the two rows with t <= 200
+    ds = data.ControlDataset(world / "data", 64, control_column=None)  # the default for edges: no control read
+    assert ds[0]["control"] is None and data.collate([ds[0], ds[1]], 64)["control"] is None
+    stored = torch.rand(4, 3, 64, 64)  # --label-column: stored annotator outputs are the label
+    label = reward.make_label(control, ann, (batch["image"] + 1) / 2, stored)
+    torch.testing.assert_close(label, stored.mean(1, keepdim=True))
 
 
 # -- the probe -------------------------------------------------------------------------------------
@@ -190,6 +221,59 @@ def test_bad_data_is_skipped_and_counted(world, tmp_path):
     assert len(log) == 8 and log[-1]["skipped_data"] == 2
 
 
+def bad_dataset(world, tmp_path, file_name):
+    import shutil
+    ds = tmp_path / "bad"
+    shutil.copytree(world / "data", ds)
+    rows = [json.loads(line) for line in open(ds / "metadata.jsonl")]
+    rows[1]["file_name"] = file_name
+    (ds / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ds
+
+
+BAD_INPUT = {  # name: (arguments changed, a phrase the one-line message must contain)
+    "escaping file_name": ({"--data": "{bad}"}, "escapes the dataset folder"),
+    "missing weights": ({"--weights": "{tmp}/nowhere.safetensors"}, "nowhere.safetensors: no such file"),
+    "no probe": ({"--probe": None}, "--probe PATH"),
+    "not a probe": ({"--probe": "{world}/sd.safetensors"}, "not a probe file"),
+    "reward model not a folder": ({"--reward-model": "{tmp}"}, "config.json"),
+    "control column for edges": ({"--control": "hed"}, "--label-column"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUT))
+def test_cli_bad_input_is_one_line(world, tmp_path, name, capsys):
+    changes, phrase = BAD_INPUT[name]
+    argv = base_argv(world, tmp_path / "out", "--max-steps", "1")
+    if name == "control column for edges":
+        argv += ["--control-column", "hed_file_name"]
+    for flag, value in changes.items():
+        i = argv.index(flag) if flag in argv else None
+        if value is None:
+            del argv[i:i + 2]
+        elif i is None:
+            argv += [flag, value]
+        else:
+            argv[i + 1] = value
+    bad = bad_dataset(world, tmp_path, "../../etc/passwd") if "{bad}" in argv else None
+    argv = [a.format(bad=bad, tmp=tmp_path, world=world) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert e.value.code not in (0, None) and len(lines) == 1 and phrase in lines[0], lines
+    assert not os.path.exists(tmp_path / "out" / "checkpoint.pt")
+
+
+def test_cli_bad_input_subprocess_has_no_traceback(world, tmp_path):
+    argv = base_argv(world, tmp_path / "out", "--max-steps", "1")
+    argv[argv.index("--data") + 1] = str(bad_dataset(world, tmp_path, "../outside.png"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "escapes the dataset folder" in r.stderr
+
+
 def test_nonfinite_steps_are_skipped_then_stop(world, tmp_path):
     args, models = make_models(world, "--method", "controlnet", "--max-steps", "30", "--save-every", "5")
     args.out = str(tmp_path / "nan")
@@ -219,18 +303,38 @@ def test_optimizer_step_skips_nonfinite_without_sync():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     net(torch.randn(2, 3)).sum().backward()
     _, streak = train.optimizer_step(args, net, opt, sched, scaler, None, torch.tensor(float("nan")),
-                                     torch.zeros(()))
+                                     torch.zeros(()), 0)
     assert streak.item() == 1
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
     net(torch.randn(2, 3)).sum().backward()
-    _, streak = train.optimizer_step(args, net, opt, sched, scaler, None, torch.tensor(1.0), streak)
+    _, streak = train.optimizer_step(args, net, opt, sched, scaler, None, torch.tensor(1.0), streak, 1)
     assert streak.item() == 0 and not torch.equal(net.weight, before["weight"])
+
+
+def test_ema_follows_diffusers_warm_up():
+    """The EMA decays as diffusers' EMAModel does (upstream's): 0 on the first update, then (1 + s) / (10 + s),
+    capped; and a few optimizer steps leave our EMA weights where EMAModel.step leaves its shadow weights."""
+    from diffusers.training_utils import EMAModel
+    net = torch.nn.Linear(3, 2)
+    ema, ref = copy.deepcopy(net).requires_grad_(False), EMAModel(net.parameters(), decay=0.999)
+    for n in (1, 2, 3, 10, 100, 998, 999, 1000, 10_000):
+        assert train.ema_decay(n, 0.999) == pytest.approx(ref.get_decay(n), abs=1e-12)
+    args = train.parse_args(["--ema", "--ema-decay", "0.999", "--lr", "0.1"])
+    opt, sched = train.make_optimizer(args, net)
+    scaler, streak = torch.amp.GradScaler("cpu", enabled=False), torch.zeros(())
+    for step in range(5):
+        net(torch.randn(4, 3, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+        _, streak = train.optimizer_step(args, net, opt, sched, scaler, ema, torch.tensor(1.0), streak, step)
+        ref.step(net.parameters())
+        for a, b in zip(ema.parameters(), ref.shadow_params):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ema.weight, net.weight)  # a real average by step 5, not a copy
 
 
 def test_probe_stage_writes_a_probe(world, tmp_path):
     run_main(base_argv(world, tmp_path / "p", "--stage", "probe", "--max-steps", "2"))
-    from probe import load_probe
+    from formats import load_probe
     assert load_probe(str(tmp_path / "p" / "probe.safetensors")).cfg.out_channels == 3
     assert "loss_probe" in read_log(tmp_path / "p")[0]
 

@@ -1,148 +1,193 @@
-"""Controllability evaluation (ControlNet++ sec. 4.1; InnerControl sec. 4): generate from held-out
-conditions and prompts, re-extract the control from the generated images, compare with the input.
+"""The paper's evaluation, one row of its table: controllability, FID and CLIP score of a ControlNet on held-out
+conditions, by ControlNet++'s eval/ protocol (arXiv 2404.07987, sec. 4.1), which InnerControl reuses unchanged.
 
-    python eval.py --control depth --weights v1-5-pruned.safetensors --controlnet runs/depth/controlnet.safetensors \
-        --data multigen_val/ --evaluator dpt-large/ --num 500 --images-per-cond 4
+    python eval.py --control depth --weights v1-5-pruned-emaonly.safetensors --controlnet controlnet.safetensors \
+        --data multigen20m-depth-eval/ --evaluator dpt-large/ --inception pt_inception-2015-12-05-6726825d.pth \
+        --clip clip-vit-base-patch16/ --out runs/depth-eval
 
-depth: an evaluator depth model (DPT-Large upstream) on the generated image vs the input map, both
-as 8-bit grayscale, per-pixel RMSE (lower is better). hed / lineart: SSIM between the re-extracted
-edges and the input's (higher is better). Generation uses sample.generate: 20 steps, guidance 7.5.
+Per held-out condition, 4 images (UniPC, 20 steps, guidance 7.5, negative prompt "worst quality, low quality",
+512 px; `--guidance 3.0` for the paper's second table), then:
+- controllability. depth: the evaluator's (DPT-Large's) depth of the image over its max against the input map
+  min-max normalised, both 8-bit, per-image RMSE (lower is better). hed / lineart: the annotator's edges of the
+  generated image against its edges of the real image, 8-bit, multi-scale SSIM (lineart compared inverted, white
+  lines on black; higher is better).
+- FID: Inception features of each of the 4 image groups against the real images, with clean-fid's resizing;
+  the mean over the groups.
+- CLIP score: 100 x the cosine of CLIP ViT-B/16's image and prompt embeddings (torchmetrics' CLIPScore).
+Where this departs from upstream: each batch of conditions is seeded `seed + batch index` (upstream seeds the
+global generator once); DPT's input is resized as the reward loss resizes it (bilinear, antialiased) rather than
+by its image processor (bicubic); upstream's LineArt comparison inverts an 8-bit prediction with `1 - x` on uint8,
+which wraps around (0 -> 1, 255 -> 2), where here both maps are inverted as 255 - x.
 """
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import formats
 import fused
+import metrics
 import reward
 import sample
 
-
-def to_8bit(x01):
-    return (x01.float().clamp(0, 1) * 255).round()
-
-
-def rmse_8bit(pred01, label01):
-    """Per-image RMSE between two maps quantised to 8-bit grayscale (B, 1, H, W) -> (B,)."""
-    if pred01.shape[-2:] != label01.shape[-2:]:
-        pred01 = F.interpolate(pred01.float(), size=label01.shape[-2:], mode="bilinear", align_corners=False)
-    return (to_8bit(pred01) - to_8bit(label01)).pow(2).flatten(1).mean(1).sqrt()
+PROTOCOL = dict(sampler="unipc", steps=20, guidance=7.5, images_per_cond=4, resolution=512, seed=42,
+                negative_prompt="worst quality, low quality")
+METRIC = {"depth": "depth RMSE (8-bit, lower is better)", "hed": "MS-SSIM (higher is better)",
+          "lineart": "MS-SSIM (higher is better)"}
 
 
-def ssim(a01, b01, window=11, sigma=1.5):
-    """Per-image SSIM (Wang et al. 2004; Gaussian window 11, sigma 1.5, 8-bit dynamic range) of
-    single-channel maps (B, 1, H, W) in [0, 1] -> (B,)."""
-    a, b = to_8bit(a01), to_8bit(b01)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    x = torch.arange(window, dtype=torch.float32) - window // 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = (g / g.sum())
-    kernel = (g[:, None] * g[None, :])[None, None]
-    blur = lambda z: F.conv2d(z, kernel)  # "valid" windows only, as scikit-image's default
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)
+@torch.no_grad()
+def eval_label(control_type, evaluator, image01, control=None):
+    """What the generated image's re-extracted control is compared with, (B, 1, H, W) in [0, 1]. depth: the input
+    map, min-max normalised per image (upstream's evaluation; training divides by the max). hed / lineart: the
+    annotator's map of the real image (the ControlNet's input is made from it, reward.make_label)."""
+    if control_type == "depth":
+        return reward.normalize_per_image_minmax(control.float().mean(1, keepdim=True))
+    return reward.make_label(control_type, evaluator, image01, control)
 
 
 @torch.no_grad()
 def controllability(control_type, evaluator, images01, label01):
-    """Per-image metric of generated images (B, 3, H, W) in [0, 1] against the label (B, 1, H, W)."""
-    pred = reward.reward_prediction(control_type, evaluator, images01.float())
+    """Per-image controllability (B,) of generated images (B, 3, H, W) in [0, 1] against labels (B, 1, H, W) from
+    eval_label: depth RMSE (8-bit), or MS-SSIM of the 8-bit maps (single-scale SSIM below 176 px, the smallest size
+    MS-SSIM's 5 scales take)."""
+    pred = reward.reward_prediction(control_type, evaluator, images01.float())  # depth: over its per-image max
     if control_type == "depth":
-        return rmse_8bit(pred, label01)
-    return ssim(pred, label01)
+        return metrics.rmse_8bit(pred, label01)
+    if control_type == "lineart":  # compared as ControlNet v1.1 sees line art: white lines on black
+        pred, label01 = 1 - pred, 1 - label01
+    a, b = metrics.to_8bit(pred) / 255, metrics.to_8bit(label01) / 255
+    return metrics.ms_ssim(a, b) if min(a.shape[-2:]) >= metrics.MS_SSIM_MIN_SIZE else metrics.ssim(a, b)
+
+
+@torch.no_grad()
+def generate_images(sd, texts, controls, controlnet, steps=20, guidance=7.5, seed=0, batch=16, negative_prompt="",
+                    sampler="ddim", images_per_cond=1, size=None):
+    """Images (N * images_per_cond, 3, H, W) in [0, 1], prompt-major, for prompts and control maps (N, 3, H, W), or
+    with controls None (no ControlNet) at size x size. Batch b of conditions is seeded seed + b * batch."""
+    out = []
+    for i in range(0, len(texts), batch):
+        imgs = sample.generate(sd, texts[i:i + batch], control=None if controls is None else controls[i:i + batch],
+                               controlnet=controlnet, steps=steps, guidance=guidance, seed=seed + i,
+                               negative_prompt=negative_prompt, sampler=sampler, num_images=images_per_cond,
+                               height=size, width=size)
+        out += [sample.to_tensor(im) for im in imgs]
+    return torch.stack(out)
 
 
 @torch.no_grad()
 def evaluator_features(evaluator, images01, batch=64):
-    """Pooled features of the evaluator network (for a Frechet distance); needs `.features(x)`."""
+    """Pooled features of an evaluator network that has `.features(x)` (the shapes world's Frechet distance)."""
     return torch.cat([evaluator.features(images01[i:i + batch].float() * 2 - 1).float()
                       for i in range(0, len(images01), batch)])
 
 
-def frechet_distance(f1, f2):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), computed in float64 through the symmetric
-    form (S1^1/2 S2 S1^1/2)^1/2, which has the same trace and needs only eigh."""
-    f1, f2 = f1.double(), f2.double()
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
-
-    def sqrtm(m):
-        w, v = torch.linalg.eigh((m + m.T) / 2)
-        return (v * w.clamp_min(0).sqrt()) @ v.T
-
-    r1 = sqrtm(s1)
-    tr_cross = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp_min(0).sqrt().sum()
-    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_cross).item()
+def real_image(dataset, i):
+    """The held-out image as stored (FID's real set reads the files, not the training crops), (3, H, W) uint8."""
+    return torch.from_numpy(np.array(data.open_image(os.path.join(dataset.root, dataset.rows[i].file_name))
+                                      .convert("RGB"))).permute(2, 0, 1)
 
 
 @torch.no_grad()
-def generate_images(sd, texts, controls, controlnet, steps=20, guidance=7.5, seed=0, batch=16,
-                    negative_prompt="", sampler="ddim", images_per_cond=1, size=None):
-    """Images (N * images_per_cond, 3, H, W) in [0, 1] for prompts and control maps (N, 3, H, W), or
-    with controls None (no ControlNet) at size x size."""
-    out = []
-    for i in range(0, len(texts), batch):
-        imgs = sample.generate(sd, texts[i:i + batch],
-                               control=None if controls is None else controls[i:i + batch],
-                               controlnet=controlnet, steps=steps, guidance=guidance, seed=seed + i,
-                               negative_prompt=negative_prompt, sampler=sampler, num_images=images_per_cond,
-                               height=size, width=size)
-        out += [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in imgs]
-    return torch.stack(out)
+def evaluate(args, sd, controlnet, evaluator, inception=None, clip=None, dataset=None):
+    """The protocol over the first args.num conditions of `dataset`, streamed batch by batch (images are scored,
+    then dropped); returns the table row as a dict."""
+    n = len(dataset) if args.num is None else min(args.num, len(dataset))
+    k, device = args.images_per_cond, next(controlnet.parameters()).device
+    scores, clip_scores, gen_features, real_features, skipped = [], [], [], [], 0
+    for lo in tqdm(range(0, n, args.batch), desc="generate and score", unit="batch", dynamic_ncols=True):
+        items = [(i, x) for i, x in ((i, dataset[i]) for i in range(lo, min(lo + args.batch, n))) if x is not None]
+        skipped += min(args.batch, n - lo) - len(items)
+        if not items:
+            continue
+        image01 = (torch.stack([x["image"] for _, x in items]).to(device) + 1) / 2
+        control = torch.stack([x["control"] for _, x in items]).to(device) if args.control == "depth" else None
+        label = eval_label(args.control, evaluator, image01, control)
+        cond = control if args.control == "depth" else reward.control_image(args.control, label)
+        texts = [x["text"] for _, x in items]
+        images = generate_images(sd, texts, cond, controlnet, args.steps, args.guidance, args.seed + lo, len(items),
+                                 args.negative_prompt, args.sampler, k).to(device)
+        scores.append(controllability(args.control, evaluator, images, label.repeat_interleave(k, 0)).cpu())
+        if inception is not None:
+            gen_features.append(metrics.inception_features(inception, images))
+            real_features.append(metrics.inception_features(inception, [real_image(dataset, i) for i, _ in items]))
+        if clip is not None:
+            clip_scores.append(100 * metrics.clip_cosines(clip, images, [t for t in texts for _ in range(k)]))
+    if not scores:
+        raise sample.CLIError(f"{args.data}: no readable samples among the first {n}")
+    scores = torch.cat(scores)
+    # the generated images are prompt-major; group g is the g-th image of every condition (fid_over_groups)
+    fid = metrics.fid_over_groups(torch.cat(real_features), torch.cat(gen_features), k) if gen_features else None
+    clip_mean = max(torch.cat(clip_scores).mean().item(), 0.0) if clip_scores else None
+    return dict(control=args.control, metric=METRIC[args.control], controllability=scores.mean().item(),
+                controllability_std=scores.std().item() if len(scores) > 1 else 0.0, fid=fid, clip_score=clip_mean,
+                conditions=len(scores) // k, images=len(scores), skipped=skipped,
+                settings={key: getattr(args, key) for key in (*PROTOCOL, "num", "dtype")},
+                weights=args.weights, controlnet=args.controlnet)
+
+
+def table_row(row):
+    """The paper's table cells: controllability / FID / CLIP score."""
+    cell = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    return (f"| {os.path.basename(os.path.normpath(row['controlnet']))} | "
+            f"{cell(row['controllability'], '.4f' if row['control'] != 'depth' else '.2f')} | "
+            f"{cell(row['fid'], '.2f')} | {cell(row['clip_score'], '.2f')} |")
+
+
+def parse_args(argv=None):
+    p = sample.OneLineParser(prog="eval.py", description="a ControlNet's row of the paper's table")
+    p.add_argument("--control", choices=list(METRIC), default="depth")
+    p.add_argument("--weights", required=True, help="SD1.5: original single file or diffusers folder")
+    p.add_argument("--controlnet", required=True)
+    p.add_argument("--data", required=True, help="imagefolder with metadata.jsonl (held-out conditions)")
+    p.add_argument("--control-column", default="conditioning_file_name", help="depth: the depth map column")
+    p.add_argument("--evaluator", required=True, help="depth: a DPT-Large folder; hed: ControlNetHED.pth; "
+                                                      "lineart: informative-drawings' model.pth")
+    p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth, for FID (none: no FID)")
+    p.add_argument("--clip", help="openai/clip-vit-base-patch16 folder, for the CLIP score (none: no CLIP score)")
+    p.add_argument("--num", type=int, help="the first N conditions (default: all)")
+    for key, value in PROTOCOL.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value,
+                       **({"choices": list(sample.SAMPLERS)} if key == "sampler" else {}))
+    p.add_argument("--batch", type=int, default=1, help="conditions per generation batch (x images-per-cond)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="folder for row.json and row.md")
+    return p.parse_args(argv)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="controllability of a ControlNet on held-out conditions")
-    p.add_argument("--control", choices=["depth", "hed", "lineart"], default="depth")
-    p.add_argument("--weights", required=True)
-    p.add_argument("--controlnet", required=True)
-    p.add_argument("--data", required=True, help="imagefolder with metadata.jsonl")
-    p.add_argument("--control-column", default="conditioning_file_name")
-    p.add_argument("--evaluator", required=True, help="depth: DPT-Large folder; hed/lineart: the annotator file")
-    p.add_argument("--num", type=int, default=None, help="first N conditions (default: all)")
-    p.add_argument("--images-per-cond", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="write per-image metrics as JSON here")
-    args = p.parse_args(argv)
-
-    dev = torch.device(args.device)
-    sd = formats.load_sd(args.weights, device=dev)
-    net = formats.load_controlnet(args.controlnet, sd.unet.config, device=dev)
-    evaluator = formats.load_reward_model(args.control, args.evaluator, device=dev)
-    fused.install(sd, net, evaluator)
-    ds = data.ControlDataset(args.data, args.resolution,
-                             control_column=args.control_column if args.control == "depth" else None)
-    n = len(ds) if args.num is None else min(args.num, len(ds))
-    items = [x for x in (ds[i] for i in range(n)) if x is not None]
-    if not items:
-        sys.exit(f"error: no readable samples in {args.data}")
-    controls = torch.stack([x["control"] for x in items]).to(dev) if args.control == "depth" else None
-    image01 = (torch.stack([x["image"] for x in items]).to(dev) + 1) / 2
-    label = reward.make_label(args.control, evaluator, image01, controls)
-    cond = reward.control_image(args.control, label, controls)
-    images = generate_images(sd, [x["text"] for x in items], cond, net, args.steps, args.guidance, args.seed,
-                             args.batch, images_per_cond=args.images_per_cond)
-    scores = controllability(args.control, evaluator, images.to(dev),
-                             label.repeat_interleave(args.images_per_cond, 0))
-    name = "depth RMSE (8-bit)" if args.control == "depth" else "SSIM"
-    print(f"{name}: {scores.mean().item():.4f} ± {scores.std().item():.4f} over {len(scores)} images")
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    try:
+        sd = formats.load_sd(args.weights, dtype=dtype, device=device)
+        net = formats.load_controlnet(args.controlnet, sd.unet.config, dtype=dtype, device=device)
+        evaluator = formats.load_reward_model(args.control, args.evaluator, device=device)
+        inception = formats.load_inception(args.inception, device) if args.inception else None
+        clip = formats.load_clip(args.clip, device=device) if args.clip else None
+        dataset = data.ControlDataset(args.data, args.resolution,
+                                      control_column=args.control_column if args.control == "depth" else None)
+        fused.install(sd, net, evaluator)
+        row = evaluate(args, sd, net, evaluator, inception, clip, dataset)
+    except (sample.CLIError, formats.CheckpointError, data.DataError) as e:
+        sys.exit(f"eval.py: error: {' '.join(str(e).split())}")
+    line = table_row(row)
+    print(f"{row['metric']} {row['controllability']:.4f} ± {row['controllability_std']:.4f} over {row['images']} "
+          f"images; FID {row['fid']}; CLIP score {row['clip_score']}")
+    print(f"| ControlNet | {row['metric']} | FID | CLIP score |\n| --- | --- | --- | --- |\n{line}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"metric": name, "values": scores.tolist()}, f)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "row.json"), "w") as f:
+            json.dump(row, f, indent=1)
+        with open(os.path.join(args.out, "row.md"), "w") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import metrics
 from controlnet import HINT_BLOCK_CHANNELS, ControlNet
 from model import SDConfig, StableDiffusion, TextConfig, Tokenizer, VAE, VAEConfig
 from probe import Probe, ProbeConfig
@@ -681,3 +682,61 @@ def load_reward_model(control_type, path, dtype=torch.float32, device="cpu"):
     else:
         raise ValueError(f"unknown control type {control_type!r}, expected depth, hed or lineart")
     return net.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# the evaluation networks: the FID Inception and CLIP
+
+def load_inception(path, device="cpu"):
+    """The FID Inception from pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release of TensorFlow's
+    2015-12-05 graph; a pickle, read through torch.load(weights_only=True)) or a .safetensors of the same tensors."""
+    # training's batch counter may or may not be in the file; inference never reads it
+    state = {k: v for k, v in load_state_dict(path).items() if not k.endswith(".num_batches_tracked")}
+    with torch.device("meta"):
+        net = metrics.FIDInception()
+    return load_into(net, state, torch.float32, device, "FID Inception", path).eval().requires_grad_(False)
+
+
+def clip_config_from_transformers(c: dict):
+    """CLIPConfig from a transformers CLIPModel config.json (missing keys take transformers' defaults)."""
+    # configs written by transformers 4 may also carry *_config_dict, whose entries take precedence
+    t = {**(c.get("text_config") or {}), **(c.get("text_config_dict") or {})}
+    v = {**(c.get("vision_config") or {}), **(c.get("vision_config_dict") or {})}
+    text = text_config_from_transformers({
+        "vocab_size": t.get("vocab_size", 49408), "hidden_size": t.get("hidden_size", 512),
+        "num_hidden_layers": t.get("num_hidden_layers", 12), "num_attention_heads": t.get("num_attention_heads", 8),
+        "max_position_embeddings": t.get("max_position_embeddings", 77),
+        "intermediate_size": t.get("intermediate_size", 2048), "hidden_act": t.get("hidden_act", "quick_gelu")})
+    vision = metrics.VisionConfig(width=v.get("hidden_size", 768), layers=v.get("num_hidden_layers", 12),
+                                  heads=v.get("num_attention_heads", 12), mlp_dim=v.get("intermediate_size", 3072),
+                                  patch=v.get("patch_size", 32), image_size=v.get("image_size", 224),
+                                  act=v.get("hidden_act", "quick_gelu"))
+    return metrics.CLIPConfig(text, vision, c.get("projection_dim", 512), t.get("eos_token_id", 49407))
+
+
+def clip_config_to_transformers(cfg):
+    """kwargs for transformers' CLIPConfig (tests and export)."""
+    return dict(text_config=dict(text_config_to_transformers(cfg.text), eos_token_id=cfg.eos_token_id),
+                vision_config=dict(hidden_size=cfg.vision.width, num_hidden_layers=cfg.vision.layers,
+                                   num_attention_heads=cfg.vision.heads, intermediate_size=cfg.vision.mlp_dim,
+                                   patch_size=cfg.vision.patch, image_size=cfg.vision.image_size,
+                                   hidden_act=cfg.vision.act),
+                projection_dim=cfg.projection_dim)
+
+
+def load_clip(folder, dtype=torch.float32, device="cpu"):
+    """CLIP from a transformers CLIPModel folder (config.json + model.safetensors or pytorch_model.bin,
+    the latter through torch.load(weights_only=True)), e.g. openai/clip-vit-base-patch16. Its tokenizer
+    (vocab.json + merges.txt or tokenizer.json) rides along as .tokenizer, else CLIP's own from assets/."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json; expected a transformers CLIPModel folder")
+    cfg = clip_config_from_transformers(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    state = load_state_dict(folder_weights(folder, ["model", "pytorch_model"]))
+    state = {k: v for k, v in state.items() if k != "logit_scale" and not k.endswith(".position_ids")}
+    with torch.device("meta"):
+        net = metrics.CLIP(cfg)
+    net = load_into(net, state, dtype, device, "CLIP", folder).eval().requires_grad_(False)
+    has_tok = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+    net.tokenizer = tokenizer_from_folder(folder) if has_tok else Tokenizer.from_bpe_gz()
+    return net

@@ -567,7 +567,9 @@ def depth_reward_prediction(dpt, image):
 
 
 def reward_prediction(control_type, model, image):
-    """The reward model's output on a (decoded) image in [0, 1], in label space: (B, 1, H, W) in [0, 1]."""
+    """The reward model's output on a (decoded) image in [0, 1], in label space: (B, 1, H, W) in [0, 1].
+    Differentiable for every control: upstream's HED detector casts its output to uint8, so upstream's HED reward
+    loss passes no gradient at all; here it does (this project's choice, README)."""
     if control_type == "depth":
         return depth_reward_prediction(model, image)
     if control_type in ("hed", "lineart"):

@@ -41,6 +41,7 @@ import data
 import eval as evaluation
 import formats
 import fused
+import metrics
 import model
 import reward
 import shapes_render
@@ -569,8 +570,8 @@ def probe_error_by_timestep(sd, controlnet, probe, reward_model, conds, images, 
         p = reward.probe_to_label_space(probe_output01(probe(feats)), control, size=label.shape[-2:])
         x0 = sd.schedule.x0_from_eps(x_t, eps, t)
         r = reward.reward_prediction(control, reward_model, ((sd.vae.decode_latents(x0) + 1) / 2).clamp(0, 1))
-        rows.append({"bucket": f"{lo}-{lo + 200}", "probe_rmse": evaluation.rmse_8bit(p, label).mean().item(),
-                     "x0_reward_rmse": evaluation.rmse_8bit(r, label).mean().item(),
+        rows.append({"bucket": f"{lo}-{lo + 200}", "probe_rmse": metrics.rmse_8bit(p, label).mean().item(),
+                     "x0_reward_rmse": metrics.rmse_8bit(r, label).mean().item(),
                      "probe": p[:4], "x0_reward": r[:4]})
     return rows
 
@@ -608,7 +609,7 @@ def evaluate_one(root, P, control, controlnet_path, texts, cond, label, real_fea
                                      steps=P["eval_steps"], guidance=P["guidance"], seed=P["eval_seed"],
                                      size=P["size"])
     score = evaluation.controllability(control, evaluator, gen, label).mean().item()
-    fd = evaluation.frechet_distance(evaluation.evaluator_features(evaluator, gen), real_features)
+    fd = metrics.fid(real_features, evaluation.evaluator_features(evaluator, gen))
     return gen, score, fd
 
 
@@ -616,8 +617,10 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     d = os.path.join(root, "eval")
     t0 = time.perf_counter()
     images, conds, _, texts = load_arrays(test_dir, control, P["size"])
-    label = reward.make_label(control, reward_model, (images + 1) / 2, conds if control == "depth" else None)
-    cond = reward.control_image(control, label, conds)
+    depth = conds if control == "depth" else None
+    # the ControlNet's input: the reward model's annotation (as in training); the label: the evaluator's
+    cond = reward.control_image(control, reward.make_label(control, reward_model, (images + 1) / 2, depth), depth)
+    label = evaluation.eval_label(control, evaluator, (images + 1) / 2, depth)
     real_features = evaluation.evaluator_features(evaluator, (images + 1) / 2)
     inputs = (texts, cond, label, real_features)
     runs = [("base", None, 0), ("start", controlnet_path, 0)] + \

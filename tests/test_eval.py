@@ -1,4 +1,5 @@
-"""eval.py: the controllability metrics against hand values and independent reference implementations."""
+"""eval.py and the simple metrics: 8-bit RMSE, SSIM and the Frechet distance against hand values and independent
+reference implementations; the protocol's labels, comparisons and row end to end."""
 import json
 import math
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import eval as evaluation
+import metrics
 
 
 # -- 8-bit RMSE -----------------------------------------------------------------------------------
@@ -17,7 +19,7 @@ def test_rmse_8bit_hand_values():
     pred = torch.zeros(2, 1, 4, 4)
     pred[0, :, :2] = 1.0          # half the pixels 255 vs 0: sqrt(255^2 / 2)
     pred[1] = 10 / 255            # every pixel 10 levels off: 10
-    out = evaluation.rmse_8bit(pred, label)
+    out = metrics.rmse_8bit(pred, label)
     assert out.shape == (2,)
     assert out[0].item() == pytest.approx(255 / math.sqrt(2), abs=1e-4)
     assert out[1].item() == pytest.approx(10.0, abs=1e-4)
@@ -25,16 +27,16 @@ def test_rmse_8bit_hand_values():
 
 def test_rmse_8bit_quantises_and_clamps():
     label = torch.zeros(1, 1, 2, 2)
-    # 0.2/255 rounds to level 0; values outside [0, 1] clamp to 0 and 255
-    assert evaluation.rmse_8bit(torch.full((1, 1, 2, 2), 0.2 / 255), label).item() == 0.0
-    assert evaluation.rmse_8bit(torch.full((1, 1, 2, 2), -3.0), label).item() == 0.0
-    assert evaluation.rmse_8bit(torch.full((1, 1, 2, 2), 7.0), label).item() == pytest.approx(255.0)
+    # 0.9/255 truncates to level 0 (as upstream saves maps: x * 255, truncated); outside [0, 1] clamps to 0 and 255
+    assert metrics.rmse_8bit(torch.full((1, 1, 2, 2), 0.9 / 255), label).item() == 0.0
+    assert metrics.rmse_8bit(torch.full((1, 1, 2, 2), -3.0), label).item() == 0.0
+    assert metrics.rmse_8bit(torch.full((1, 1, 2, 2), 7.0), label).item() == pytest.approx(255.0)
 
 
 def test_rmse_8bit_resizes_prediction_to_label():
     label = torch.full((3, 1, 8, 8), 0.5)
     pred = torch.full((3, 1, 16, 16), 0.5)  # a constant map stays constant under bilinear resizing
-    out = evaluation.rmse_8bit(pred, label)
+    out = metrics.rmse_8bit(pred, label)
     assert out.shape == (3,) and torch.all(out == 0)
 
 
@@ -67,10 +69,10 @@ def test_ssim_matches_reference():
     # b: a blurred, noisy, shifted version of a, so that SSIM lands well inside (0, 1)
     b = (0.6 * a + 0.3 * torch.roll(a, 1, dims=-1) + 0.2 * torch.rand(3, 1, 24, 20, generator=g)).clamp(0, 1)
     b[2] = 1 - a[2]  # anti-correlated: a negative SSIM
-    ours = evaluation.ssim(a, b)
+    ours = metrics.ssim(a, b)
     assert ours.shape == (3,)
-    a8 = evaluation.to_8bit(a).numpy()
-    b8 = evaluation.to_8bit(b).numpy()
+    a8 = metrics.to_8bit(a).numpy()
+    b8 = metrics.to_8bit(b).numpy()
     for k in range(3):
         ref = ssim_reference(a8[k, 0], b8[k, 0])
         assert ours[k].item() == pytest.approx(ref, abs=1e-5), k
@@ -80,9 +82,9 @@ def test_ssim_matches_reference():
 def test_ssim_identity_and_noise():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(1, 1, 32, 32, generator=g)
-    assert evaluation.ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    assert metrics.ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
     noise = torch.randn(1, 1, 32, 32, generator=g)
-    scores = [evaluation.ssim(x, (x + s * noise).clamp(0, 1)).item() for s in (0.02, 0.1, 0.3)]
+    scores = [metrics.ssim(x, (x + s * noise).clamp(0, 1)).item() for s in (0.02, 0.1, 0.3)]
     assert 1.0 > scores[0] > scores[1] > scores[2]
 
 
@@ -113,7 +115,7 @@ def test_frechet_diagonal_closed_form():
     f2 = with_exact_moments(700, mu2, np.diag(v2), 1)
     # two Gaussians with diagonal covariances: |mu1 - mu2|^2 + sum_i (sqrt(v1_i) - sqrt(v2_i))^2
     expect = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
-    assert evaluation.frechet_distance(f1, f2) == pytest.approx(expect, rel=1e-8, abs=1e-8)
+    assert metrics.fid(f1, f2) == pytest.approx(expect, rel=1e-8, abs=1e-8)
 
 
 def test_frechet_general_covariances():
@@ -123,29 +125,29 @@ def test_frechet_general_covariances():
     s1, s2 = a1 @ a1.T + 0.1 * np.eye(d), a2 @ a2.T + 0.1 * np.eye(d)  # non-commuting SPD matrices
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
     f1, f2 = with_exact_moments(300, mu1, s1, 4), with_exact_moments(200, mu2, s2, 5)
-    ours = evaluation.frechet_distance(f1, f2)
+    ours = metrics.fid(f1, f2)
     assert ours == pytest.approx(frechet_reference(mu1, s1, mu2, s2), rel=1e-7)
     # symmetric in its arguments, and float32 input gives the same up to float32 rounding
-    assert evaluation.frechet_distance(f2, f1) == pytest.approx(ours, rel=1e-7)
-    assert evaluation.frechet_distance(f1.float(), f2.float()) == pytest.approx(ours, rel=1e-4)
+    assert metrics.fid(f2, f1) == pytest.approx(ours, rel=1e-7)
+    assert metrics.fid(f1.float(), f2.float()) == pytest.approx(ours, rel=1e-4)
 
 
 def test_frechet_identical_sets_and_sample_estimate():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(400, 16, generator=g)
-    assert abs(evaluation.frechet_distance(f, f)) < 1e-8
-    assert abs(evaluation.frechet_distance(f, f.flip(0))) < 1e-8  # order does not matter
+    assert abs(metrics.fid(f, f)) < 1e-8
+    assert abs(metrics.fid(f, f.flip(0))) < 1e-8  # order does not matter
     # independent samples of N(0, I) vs N(0, 4 I): closed form d * (1 - 2)^2 = d, up to sampling error
     a = torch.randn(20000, 4, generator=g)
     b = 2 * torch.randn(20000, 4, generator=g)
-    assert evaluation.frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+    assert metrics.fid(a, b) == pytest.approx(4.0, rel=0.05)
 
 
 def test_frechet_rank_deficient():
     # fewer samples than dimensions (a singular covariance) must still give a finite number
     g = torch.Generator().manual_seed(0)
     f1, f2 = torch.randn(5, 32, generator=g), torch.randn(5, 32, generator=g) + 1
-    fd = evaluation.frechet_distance(f1, f2)
+    fd = metrics.fid(f1, f2)
     assert math.isfinite(fd) and fd > 0
 
 
@@ -212,15 +214,40 @@ def test_generate_images_shapes_and_order():
     assert base.shape == (1, 3, 64, 64)
 
 
+def test_protocol_defaults_are_upstreams():
+    args = evaluation.parse_args(["--weights", "w", "--controlnet", "c", "--data", "d", "--evaluator", "e"])
+    assert (args.sampler, args.steps, args.guidance, args.images_per_cond, args.resolution) == ("unipc", 20, 7.5, 4, 512)
+    assert args.negative_prompt == "worst quality, low quality" and args.seed == 42
+
+
+def test_labels_and_inverted_lineart():
+    control = torch.rand(2, 3, 8, 8) * 0.5 + 0.2
+    label = evaluation.eval_label("depth", None, None, control)  # min-max per image (upstream's evaluation)
+    assert torch.allclose(label.flatten(1).amin(1), torch.zeros(2)) and torch.allclose(label.flatten(1).amax(1),
+                                                                                        torch.ones(2))
+    # line art: compared as white lines on black, so a map and its label agree exactly when equal, and the 8-bit
+    # inversion is 255 - x (upstream's uint8 `1 - x` wraps around instead)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 176, 176, generator=g)
+    lab = GreyEdges()(images)
+    assert torch.allclose(evaluation.controllability("lineart", GreyEdges(), images, lab), torch.ones(2), atol=1e-6)
+    inv = evaluation.controllability("lineart", GreyEdges(), images, 1 - lab)
+    assert torch.all(inv < 0.5)
+    a, b = 1 - metrics.to_8bit(lab) / 255, metrics.to_8bit(1 - lab) / 255  # what ms_ssim sees for the label
+    assert (a - b).abs().max() <= 1 / 255 + 1e-6
+
+
 def test_main_end_to_end(tmp_path, capsys):
-    """`python eval.py` on tiny files of each kind: a Stable Diffusion file, a ControlNet, a DPT folder in
-    the transformers layout, an imagefolder dataset; writes one score per generated image."""
+    """`python eval.py` on tiny files of each kind (Stable Diffusion file, ControlNet, DPT folder, FID Inception
+    weights, a CLIP folder, an imagefolder dataset): one row of the table, as JSON and as text."""
     import controlnet
     import formats
     import model
     import reward
     import shapes_render
     from safetensors.torch import save_file
+    from test_metrics import save_tiny_clip_folder, tiny_clip_config
+    from util import randomize_
     torch.manual_seed(0)
     tok = model.Tokenizer.word_level(shapes_render.SHAPES_VOCAB, max_len=8)
     cfg = model.tiny()
@@ -235,11 +262,20 @@ def test_main_end_to_end(tmp_path, capsys):
     (tmp_path / "dpt").mkdir()
     (tmp_path / "dpt" / "config.json").write_text(json.dumps(dpt_cfg))
     save_file({k: v.contiguous() for k, v in dpt.state_dict().items()}, str(tmp_path / "dpt" / "model.safetensors"))
+    inception = randomize_(metrics.FIDInception(), 3)
+    save_file({k: v.contiguous() for k, v in inception.state_dict().items()}, str(tmp_path / "inception.safetensors"))
+    clip = randomize_(metrics.CLIP(tiny_clip_config(49407)), 4)
+    save_tiny_clip_folder(tmp_path / "clip", clip)
     shapes_render.write_shapes_dataset(tmp_path / "val", 3, seed=0, size=64)
     evaluation.main(["--control", "depth", "--weights", str(tmp_path / "sd.safetensors"),
                      "--controlnet", str(tmp_path / "cn.safetensors"), "--data", str(tmp_path / "val"),
-                     "--evaluator", str(tmp_path / "dpt"), "--num", "2", "--images-per-cond", "2", "--steps", "2",
-                     "--resolution", "64", "--device", "cpu", "--out", str(tmp_path / "scores.json")])
-    assert "depth RMSE (8-bit)" in capsys.readouterr().out
-    scores = json.load(open(tmp_path / "scores.json"))["values"]
-    assert len(scores) == 4 and all(0 <= s <= 255 for s in scores)
+                     "--evaluator", str(tmp_path / "dpt"), "--inception", str(tmp_path / "inception.safetensors"),
+                     "--clip", str(tmp_path / "clip"), "--num", "2", "--images-per-cond", "2", "--steps", "2",
+                     "--resolution", "64", "--device", "cpu", "--out", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    row = json.load(open(tmp_path / "eval" / "row.json"))
+    assert row["images"] == 4 and row["conditions"] == 2 and 0 <= row["controllability"] <= 255
+    assert row["fid"] > 0 and math.isfinite(row["fid"]) and 0 <= row["clip_score"] <= 100
+    assert row["settings"]["sampler"] == "unipc" and row["settings"]["negative_prompt"] == "worst quality, low quality"
+    line = open(tmp_path / "eval" / "row.md").read().strip()
+    assert line in out and line.startswith("| cn.safetensors |") and line.count("|") == 5

@@ -7,7 +7,7 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
 READING_PATH = ["model", "unet", "controlnet", "probe", "train", "sample", "data"]
-ARCHITECTURE = ["model", "unet", "controlnet", "probe", "reward"]
+ARCHITECTURE = ["model", "unet", "controlnet", "probe", "reward", "metrics"]
 
 
 def imports(name):

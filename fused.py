@@ -148,18 +148,22 @@ class FastConv2d(LeanConv2d):
 
 # Which input row each tap of a 3x3 kernel reads after a 2x nearest upsampling, per output phase: an even output
 # row 2i reads rows 2i-1, 2i, 2i+1 of the upsampled map, i.e. rows i-1, i, i of the input (taps 0 | 1+2); an odd
-# row 2i+1 reads input rows i, i, i+1 (taps 0+1 | 2). Likewise for columns.
+# row 2i+1 reads input rows i, i, i+1 (taps 0+1 | 2). Likewise for columns. As one matrix: the 9 taps of the 3x3
+# kernel -> for each phase (a, b), the 4 taps (u, v) of its 2x2 kernel.
 PHASE_TAPS = torch.tensor([[[1., 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])  # (phase, 2x2 tap, 3x3 tap)
+PHASE_MATRIX = torch.einsum("auk,bvl->klabuv", PHASE_TAPS, PHASE_TAPS).reshape(9, 2, 2, 4)  # (3x3 tap, a, b, uv)
 
 
 def upsample_conv3x3(x, weight, bias):
     """conv3x3(upsample_nearest_2x(x)) with padding 1, without the upsampled map: each of the 4 output phases
-    (even/odd row x even/odd column) is a 2x2 conv of x with summed taps, 4 multiply-adds per output instead of 9."""
+    (even/odd row x even/odd column) is a 2x2 conv of x with summed taps, 4 multiply-adds per output instead of 9.
+    Each phase's kernel is one small GEMM over the weight's 9 taps, written straight into conv layout."""
     B, _, H, W = x.shape
-    taps = PHASE_TAPS.to(weight)
-    k = torch.einsum("auk,oikl,bvl->aboiuv", taps, weight, taps)  # (2, 2, C_out, C_in, 2, 2)
+    O, I = weight.shape[:2]
+    taps, m = weight.reshape(O * I, 9), PHASE_MATRIX.to(weight)
     xp = F.pad(x, (1, 1, 1, 1))
-    phases = [frozen_conv2d(xp[:, :, a:a + H + 1, b:b + W + 1], k[a, b], bias) for a in (0, 1) for b in (0, 1)]
+    phases = [frozen_conv2d(xp[:, :, a:a + H + 1, b:b + W + 1], (taps @ m[:, a, b]).view(O, I, 2, 2), bias)
+              for a in (0, 1) for b in (0, 1)]
     out = torch.stack(phases, 2).view(B, -1, 2, 2, H, W)  # (B, C_out, a, b, H, W)
     return out.permute(0, 1, 4, 2, 5, 3).reshape(B, -1, 2 * H, 2 * W)
 

@@ -34,6 +34,10 @@ class VAEConfig:
     norm_groups: int = 32
     scaling_factor: float = 0.18215  # 1 / std of SD's latents, so the diffusion sees ~unit variance
 
+    @property
+    def factor(self):  # image side / latent side (8 for SD)
+        return 2 ** (len(self.ch_mult) - 1)
+
 
 @dataclass
 class TextConfig:

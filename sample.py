@@ -188,8 +188,9 @@ def generate(sd, prompt, control=None, controlnet=None, negative_prompt="", step
     if control is not None:
         height, width = height or control.shape[-2], width or control.shape[-1]
     height, width = height or 512, width or 512
-    if height % 8 or width % 8 or height <= 0 or width <= 0:
-        raise ValueError(f"image size must be a positive multiple of 8, got {height}x{width}")
+    f = sd.vae.cfg.factor
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise ValueError(f"image size must be a positive multiple of {f} (the VAE's factor), got {height}x{width}")
     if control is not None and tuple(control.shape[-2:]) != (height, width):
         raise ValueError(f"control map is {control.shape[-1]}x{control.shape[-2]}, expected {width}x{height}")
     if (control is None) != (controlnet is None):
@@ -215,7 +216,7 @@ def generate(sd, prompt, control=None, controlnet=None, negative_prompt="", step
         return out.float()
 
     # the reference pipelines' seed convention: fp32 CPU noise, then the device and dtype
-    shape = (len(prompts), sd.unet.config.in_channels, height // 8, width // 8)
+    shape = (len(prompts), sd.unet.config.in_channels, height // f, width // f)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
     z = SAMPLERS[sampler][0](eps_fn, noise.to(device=device, dtype=dtype).float(), sd.schedule.alphas_cumprod,
                              steps, progress=progress)  # the initial sigma is 1 for every sampler here

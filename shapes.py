@@ -1,27 +1,32 @@
 """The shapes world: the whole of InnerControl, from an empty folder, on a 2-core CPU.
 
-`python train.py --control depth` with no --weights runs this. Synthetic 3D scenes (shapes_render.py) have
-exact depth, edges and line art, so every model the method needs can be trained from
-scratch in minutes and the paper's comparison (arXiv 2507.02321, Table 1) can be re-run in miniature:
+`python train.py --control depth` with no --weights runs this. Synthetic 3D scenes (shapes_render.py) have exact
+depth, edges and line art, so every model the method needs can be trained from scratch in minutes, and the paper's
+comparison (arXiv 2507.02321, Table 1) can be re-run in miniature:
 
-  1 data          render train and held-out scenes (image, depth, soft edges, line art, caption)
-  2 vae           a small VAE (the SD1.5 architecture, small widths)
+  1 data          render train and held-out scenes (image, depth, soft edges, line art, object ids, caption)
+  2 vae           a small VAE that downsamples 4x: 64 px scenes, 16x16x4 latents
   3 base          text-to-image UNet + a small text encoder with a word-level tokenizer
-  4 annotators    two toy annotators for the control: the reward model, and an independent
-                  evaluator (other architecture, other seed), as DPT-Hybrid and DPT-Large are upstream
+  4 annotators    two toy annotators for the control: the reward model, and an independent evaluator (another
+                  architecture and seed), as DPT-Hybrid and DPT-Large are upstream
   5 controlnet    a ControlNet from the base UNet, diffusion loss only
   6 probe         the probe, pre-trained on the frozen UNet + ControlNet
-  7 finetune      ControlNet, ControlNet++ and InnerControl fine-tuning from stage 5,
-                  equal steps, same seeds (same batches, timesteps and noise) for the three methods
-  8 eval          controllability (depth RMSE, or SSIM for edges) and a Frechet distance on
-                  held-out scenes; the figures
+  7 finetune      ControlNet, ControlNet++ and InnerControl fine-tuning from stage 5, the same seeds (the same
+                  batches, timesteps and noise) for the three methods
+  8 eval          controllability and a Frechet distance on held-out scenes, the same noise for every row; the
+                  paired comparison of the methods; the VAE's floor; the figures
 
-Each stage writes into OUT/<stage>/ and marks itself done (done.json); a rerun skips finished stages
-and resumes an interrupted one from its last checkpoint (Ctrl-C saves one); --fresh starts over.
-SHAPES_SMOKE=1 runs every stage for a few steps (the CI smoke test); SHAPES_PRESET='{"finetune_steps":
-500}' overrides entries of the preset below.
+Each stage writes into OUT/<stage>/ and marks itself done (done.json, with the settings it was made with); a rerun
+reuses a finished stage only when the current settings would make the same one (else it says which stage is stale
+and redoes it), resumes an interrupted one from its last checkpoint (Ctrl-C saves one); --fresh starts over.
+SHAPES_SMOKE=1 runs every stage for a few steps (the CI smoke test); SHAPES_PRESET='{"finetune_steps": 500}'
+overrides entries of the preset below, SHAPES_PRESET=gpu runs the larger world on a GPU.
 """
+import contextlib
+import hashlib
+import io
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -46,32 +51,34 @@ import model
 import reward
 import shapes_render
 import train
-from controlnet import ControlNet
+from controlnet import HINT_BLOCK_CHANNELS, ControlNet
 from formats import load_controlnet, load_probe
 from probe import Probe, ProbeConfig, probe_output01
 
-# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (25.9 minutes
-# measured on a 2-core Xeon). Seconds per step there (batch): vae 0.33 (8), base 0.64 (32),
-# annotators 0.2 (16), controlnet 0.46 (16), probe 0.43 (16); fine-tuning 0.53 / 0.81 / 0.97 for
-# ControlNet / ControlNet++ / InnerControl (16), two runs at a time. The annotators train beside the VAE
-# and base model; the nine fine-tuning runs and the evaluations go two at a time, one single-threaded
-# process per core.
+# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (stage times measured on a
+# 2-core Xeon are in the README). The annotators train beside the VAE and base model; the fine-tuning runs and the
+# evaluations go two at a time, one single-threaded process per core.
 PRESET = dict(
-    size=64, n_train=1500, n_test=64, seeds=(0, 1, 2),
-    vae_ch=16, vae_steps=400, vae_batch=8, vae_lr=1e-3,
-    base_steps=600, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
+    size=64, n_train=1500, n_test=128, seeds=(0, 1, 2), device="cpu",
+    vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0,
+    unet_ch=32, base_steps=600, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
     controlnet_steps=800, controlnet_batch=16, controlnet_lr=1e-3,
     probe_steps=300, probe_batch=16, probe_lr=1e-3,
-    finetune_steps=100, finetune_batch=16, finetune_lr=2e-4, finetune_args=(),  # more train.py flags
+    finetune_steps=200, finetune_batch=16, finetune_lr=2e-4, finetune_args=(),  # more train.py flags
     eval_steps=10, guidance=5.0, eval_seed=0, save_every=100, log_every=10,
     workers=None,  # worker processes for the independent runs (None: one per core)
 )
-# Every stage a few steps at the smallest size the UNet takes (64 px: 8x8 latents, three downsamplings).
-SMOKE = dict(size=64, n_train=16, n_test=4, seeds=(0, 1),
-             vae_steps=2, base_steps=2, annotator_steps=2, controlnet_steps=2, probe_steps=2, finetune_steps=2,
-             eval_steps=2, vae_batch=2, base_batch=4, annotator_batch=2, controlnet_batch=2, probe_batch=2,
-             finetune_batch=2, save_every=1, log_every=1)
+# Every stage a few steps, at the real sizes (64 px scenes, 16x16 latents).
+SMOKE = dict(n_train=16, n_test=4, seeds=(0, 1), vae_steps=2, base_steps=2, annotator_steps=2, controlnet_steps=2,
+             probe_steps=2, finetune_steps=2, eval_steps=2, vae_batch=2, base_batch=4, annotator_batch=2,
+             controlnet_batch=2, probe_batch=2, finetune_batch=2, save_every=1, log_every=1)
+# A larger world for one GPU (under 10 minutes on a current data-centre GPU, by estimate from the CPU step counts:
+# not yet measured): more scenes, longer stages, more held-out scenes and seeds for the comparison.
+GPU = dict(device="cuda", n_train=6000, n_test=256, seeds=(0, 1, 2, 3, 4), vae_ch=32, vae_steps=3000, vae_batch=32,
+           unet_ch=64, base_steps=3000, base_batch=64, annotator_width=32, annotator_steps=1000,
+           annotator_batch=32, controlnet_steps=3000, controlnet_batch=32, probe_steps=1500, probe_batch=32,
+           finetune_steps=1000, finetune_batch=32, eval_steps=20, save_every=500, workers=1)
 METHODS = ("controlnet", "controlnet++", "innercontrol")
 NAMES = {"controlnet": "ControlNet", "controlnet++": "ControlNet++", "innercontrol": "InnerControl"}
 
@@ -80,50 +87,149 @@ def preset():
     P = dict(PRESET)
     if os.environ.get("SHAPES_SMOKE"):
         P.update(SMOKE)
-    if os.environ.get("SHAPES_PRESET"):
-        P.update(json.loads(os.environ["SHAPES_PRESET"]))
-    P["seeds"] = tuple(P["seeds"])
-    # flags for the fine-tuning runs: checked here, so that a typo stops the run before any stage
-    try:
-        train.parse_args(list(P["finetune_args"]))
+    given = os.environ.get("SHAPES_PRESET", "")
+    if given.strip() == "gpu":
+        P.update(GPU)
+    elif given:
+        try:
+            P.update(json.loads(given))
+        except json.JSONDecodeError as e:
+            sys.exit(f"train.py: error: SHAPES_PRESET is neither `gpu` nor a JSON object of preset entries ({e})")
+    unknown = sorted(set(P) - set(PRESET))
+    if unknown:
+        sys.exit(f"train.py: error: SHAPES_PRESET names unknown entries {unknown}; the entries are {sorted(PRESET)}")
+    P["seeds"], P["vae_mult"], P["finetune_args"] = tuple(P["seeds"]), tuple(P["vae_mult"]), tuple(P["finetune_args"])
+    problem = io.StringIO()
+    try:  # flags for the fine-tuning runs: checked here, so that a typo stops the run before any stage
+        with contextlib.redirect_stderr(problem):
+            train.parse_args(list(P["finetune_args"]))
     except SystemExit:
-        print(f"error: finetune_args {list(P['finetune_args'])} (from SHAPES_PRESET) must be train.py flags",
-              file=sys.stderr)
-        raise
+        sys.exit(f"train.py: error: finetune_args {list(P['finetune_args'])} from SHAPES_PRESET: "
+                 f"{problem.getvalue().strip().removeprefix('train.py: error: ')}")
+    if P["device"] == "cuda" and not torch.cuda.is_available():
+        sys.exit("train.py: error: this preset runs on a GPU (device cuda) and none is available")
     if P["workers"] is None:
-        P["workers"] = max(1, min(os.cpu_count() or 1, len(METHODS) * len(P["seeds"])))
+        P["workers"] = 1 if P["device"] != "cpu" else max(1, min(os.cpu_count() or 1, len(METHODS) * len(P["seeds"])))
     return P
 
 
+# ----------------------------------------------------------------------------------------------
+# Which settings make each stage: a stage is reused only when it was made with the settings the current run would
+# use (its own preset entries, the control type, and the stages it is built from).
+
+STAGES = {  # stage: (the preset entries that change its result, the stages it reads)
+    "data": (("size", "n_train", "n_test"), ()),
+    "vae": (("vae_ch", "vae_mult", "vae_steps", "vae_batch", "vae_lr", "vae_object_weight"), ("data",)),
+    "base": (("unet_ch", "base_steps", "base_batch", "base_lr", "caption_dropout"), ("vae",)),
+    "annotators": (("annotator_width", "annotator_steps", "annotator_batch", "annotator_lr"), ("data",)),
+    "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr"), ("base", "annotators")),
+    "probe": (("probe_steps", "probe_batch", "probe_lr"), ("controlnet",)),
+    "finetune": (("finetune_steps", "finetune_batch", "finetune_lr", "finetune_args"), ("probe",)),
+    "eval": (("eval_steps", "guidance", "eval_seed", "seeds"), ("finetune",)),
+}
+
+
+def settings(P, control, stage, **extra):
+    """What a stage is made from: its preset entries, the control, the fingerprints of the stages it reads."""
+    keys, reads = STAGES[stage]
+    out = {k: list(P[k]) if isinstance(P[k], tuple) else P[k] for k in keys}
+    out.update({"control": control, **extra}, **{f"<{r}>": fingerprint(settings(P, control, r)) for r in reads})
+    return out
+
+
+def fingerprint(s):
+    return hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def done_info(d):
+    with open(os.path.join(d, "done.json")) as f:
+        return json.load(f)
+
+
+def mark_done(d, made_with, **info):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "done.json.tmp"), "w") as f:
+        json.dump({"settings": made_with, "fingerprint": fingerprint(made_with), **info}, f)
+    os.replace(os.path.join(d, "done.json.tmp"), os.path.join(d, "done.json"))
+
+
+def header(n, name, d, what, made_with):
+    """Print the stage's line; True when its finished result can be reused. A stage finished with other settings
+    is stale: say which settings changed, and start it over (a partial one of other settings too)."""
+    done = os.path.exists(os.path.join(d, "done.json"))
+    old = done_info(d).get("settings", {}) if done else None  # {}: made before stages recorded their settings
+    if old is None and os.path.exists(os.path.join(d, "settings.json")):  # interrupted: resume only the same
+        with open(os.path.join(d, "settings.json")) as f:
+            old = json.load(f)
+    if old is not None and old != made_with:
+        changed = [k.strip("<>") + " stage" if k.startswith("<") else k for k in sorted(set(old) | set(made_with))
+                   if old.get(k) != made_with.get(k)]
+        print(f"{n}/8 {name}: stale (made with another {', '.join(changed)}), redoing it", flush=True)
+        shutil.rmtree(d)
+        done = False
+    elif done:
+        print(f"{n}/8 {name}: done, reusing {d}", flush=True)
+        return True
+    if not done:
+        print(f"{n}/8 {name}: {what}", flush=True)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "settings.json"), "w") as f:
+            json.dump(made_with, f)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and data in memory
+
 def shapes_config(P, vocab_size, max_len):
-    """model.tiny() with a text encoder sized for the caption vocabulary and a VAE of width vae_ch."""
+    """The SD1.5 architecture at small widths: a UNet of width unet_ch over 4 levels (16x16 latents down to 2x2), a
+    text encoder sized for the caption vocabulary, a VAE of width vae_ch that halves the size len(vae_mult) - 1
+    times (4x: 64 px -> 16x16)."""
     cfg = model.tiny()
+    cfg.unet.model_channels = P["unet_ch"]
     cfg.text = model.TextConfig(vocab_size=vocab_size, width=64, layers=2, heads=2, max_len=max_len, mlp_dim=128)
     ch = P["vae_ch"]
-    cfg.vae = model.VAEConfig(ch=ch, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=max(1, min(32, ch // 2)))
+    cfg.vae = model.VAEConfig(ch=ch, ch_mult=P["vae_mult"], num_res_blocks=1, norm_groups=max(1, min(32, ch // 2)))
     return cfg
 
 
 def control_column(control):
-    """Depth: the exact map is the control. Edges: none; the annotator reads the image itself, and its
-    output is both the ControlNet's input and the label (ControlNet++ sec. 3.3)."""
+    """Depth: the exact map is the control. Edges: none; the annotator reads the image itself, and its output is
+    both the ControlNet's input and the label (ControlNet++ sec. 3.3)."""
     return "depth_file_name" if control == "depth" else None
+
+
+def load_arrays(root, control, size):
+    """A rendered split in memory: images (N,3,R,R) in [-1,1]; truths (N,3,R,R) in [0,1], the exact control map of
+    the scene; objects (N,1,R,R), 1 on the pixels of the named objects; captions."""
+    ds = data.ControlDataset(root, resolution=size, control_column=f"{control}_file_name")
+    items = [ds[i] for i in range(len(ds))]
+    ids = np.stack([np.asarray(Image.open(os.path.join(root, r.file_name.replace("images/", "ids/"))))
+                    for r in ds.rows])
+    return (torch.stack([x["image"] for x in items]), torch.stack([x["control"] for x in items]),
+            torch.from_numpy(ids >= 2).float()[:, None], [x["text"] for x in items])
+
+
+def batch_indices(step, n, batch, seed):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch,), generator=g)
 
 
 # ----------------------------------------------------------------------------------------------
 # A small resumable loop for the from-scratch stages (VAE, base model, annotators).
 
-def fit(out, modules, loss_fn, steps, lr, save_every=250, desc=""):
-    """AdamW on `modules` for `steps` steps; loss_fn(step) draws its own batch and noise from the
-    step number, so a resumed run sees exactly the batches it would have. Checkpoints to
-    OUT/checkpoint.pt every `save_every` steps and on Ctrl-C. Returns (final loss EMA, s/step)."""
+def fit(out, modules, loss_fn, steps, lr, save_every=250, desc="", cosine=False):
+    """AdamW on `modules` for `steps` steps (50 warm-up steps, then constant or a cosine decay to 0); loss_fn(step)
+    draws its own batch and noise from the step number, so a resumed run sees exactly the batches it would have.
+    Checkpoints to OUT/checkpoint.pt every `save_every` steps and on Ctrl-C. Returns (final loss EMA, s/step)."""
     os.makedirs(out, exist_ok=True)
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    decay = (lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))) if cosine else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * decay(s))
     path, step, running = os.path.join(out, "checkpoint.pt"), 0, None
     if os.path.exists(path):
-        ck = train.load_checkpoint(path, "cpu")
+        ck = train.load_checkpoint(path, params[0].device)
         for m, sd in zip(modules, ck["modules"]):
             m.load_state_dict(sd)
         opt.load_state_dict(ck["optimizer"])
@@ -149,8 +255,8 @@ def fit(out, modules, loss_fn, steps, lr, save_every=250, desc=""):
             opt.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            if step % 10 == 0:
+            if step % 10 == 0 or step == steps:  # the only host syncs of the loop
+                running = loss.item() if running is None else 0.8 * running + 0.2 * loss.item()
                 bar.set_postfix(loss=f"{running:.4g}")
             if step % save_every == 0 and step < steps:
                 save()
@@ -164,28 +270,10 @@ def fit(out, modules, loss_fn, steps, lr, save_every=250, desc=""):
     return running, (time.perf_counter() - t0) / max(1, step - first)
 
 
-def batch_indices(step, n, batch, seed):
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(0, n, (batch,), generator=g)
-
-
-def load_arrays(root, control, size):
-    """A rendered split in memory: images (N,3,R,R) in [-1,1]; conds (N,3,R,R) in [0,1], what the
-    training loader hands the step as its control; truths (N,3,R,R) in [0,1], the exact control
-    map of the scene (the annotators' training target); captions."""
-    ds = data.ControlDataset(root, resolution=size, control_column=f"{control}_file_name")
-    items = [ds[i] for i in range(len(ds))]
-    images = torch.stack([x["image"] for x in items])
-    truths = torch.stack([x["control"] for x in items])
-    conds = truths if control == "depth" else (images + 1) / 2
-    return images, conds, truths, [x["text"] for x in items]
-
-
 # ----------------------------------------------------------------------------------------------
-# Toy annotators. Two different architectures trained apart, so that the evaluator is not the
-# reward model the fine-tuning optimised against. Depth: like DPT, input in [-1, 1] (what
-# reward.depth_reward_prediction feeds), positive relative depth out. Edges: like HED and LineArt,
-# input in [0, 1], a map in [0, 1] out.
+# Toy annotators. Two different architectures trained apart, so that the evaluator is not the reward model the
+# fine-tuning optimised against. Depth: like DPT, input in [-1, 1] (what reward.depth_reward_prediction feeds),
+# positive relative depth out. Edges: like HED and LineArt, input in [0, 1], a map in [0, 1] out.
 
 class ToyAnnotatorUNet(nn.Module):
     """Reward model: a small encoder-decoder with skips."""
@@ -194,7 +282,7 @@ class ToyAnnotatorUNet(nn.Module):
     def __init__(self, w=16, kind="depth"):
         super().__init__()
         self.kind = kind
-        c = lambda i, o, s=1: nn.Sequential(nn.Conv2d(i, o, 3, s, 1), nn.GroupNorm(8, o), nn.SiLU())
+        c = lambda i, o, s=1: nn.Sequential(nn.Conv2d(i, o, 3, s, 1), nn.GroupNorm(8, o), nn.SiLU())  # noqa: E731
         self.enc1, self.enc2, self.enc3 = c(3, w), c(w, 2 * w, 2), c(2 * w, 4 * w, 2)
         self.mid = nn.Sequential(c(4 * w, 4 * w), c(4 * w, 4 * w))
         self.dec2, self.dec1 = c(6 * w, 2 * w), c(3 * w, w)
@@ -236,185 +324,157 @@ class ToyAnnotatorDilated(nn.Module):
         return F.softplus(y) if self.kind == "depth" else torch.sigmoid(y)
 
 
+ANNOTATORS = {"reward": ToyAnnotatorUNet, "evaluator": ToyAnnotatorDilated}
+
+
 # ----------------------------------------------------------------------------------------------
-# Stages
-
-def stage_done(d):
-    return os.path.exists(os.path.join(d, "done.json"))
-
-
-def mark_done(d, **info):
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "done.json.tmp"), "w") as f:
-        json.dump(info, f)
-    os.replace(os.path.join(d, "done.json.tmp"), os.path.join(d, "done.json"))
-
-
-def done_info(d):
-    with open(os.path.join(d, "done.json")) as f:
-        return json.load(f)
-
-
-def header(n, name, d, what):
-    done = stage_done(d)
-    print(f"{n}/8 {name}: " + (f"done, reusing {d}" if done else what), flush=True)
-    return done
-
+# Stages 1-4: data, VAE, base model, annotators
 
 def stage_data(root, P, control):
     d = os.path.join(root, "data")
-    if not header(1, "data", d, f"rendering {P['n_train']} + {P['n_test']} scenes at {P['size']} px"):
+    if not header(1, "data", d, f"rendering {P['n_train']} + {P['n_test']} scenes at {P['size']} px",
+                  settings(P, control, "data")):
         t0 = time.perf_counter()
         workers = min(os.cpu_count() or 1, 8) if P["n_train"] >= 200 else 0
-        shapes_render.write_shapes_dataset(os.path.join(d, "train"), P["n_train"], seed=1, size=P["size"],
-                                           control=control,
-                                  num_workers=workers)
-        shapes_render.write_shapes_dataset(os.path.join(d, "test"), P["n_test"], seed=2, size=P["size"],
-                                           control=control,
-                                  num_workers=workers if P["n_test"] >= 200 else 0)
-        mark_done(d, seconds=time.perf_counter() - t0)
+        for split, n, seed in (("train", P["n_train"], 1), ("test", P["n_test"], 2)):  # held-out: another seed
+            shapes_render.write_shapes_dataset(os.path.join(d, split), n, seed=seed, size=P["size"], control=control,
+                                               num_workers=workers if n >= 200 else 0)
+        mark_done(d, settings(P, control, "data"), seconds=time.perf_counter() - t0)
     return os.path.join(d, "train"), os.path.join(d, "test")
 
 
-def stage_vae(root, P, cfg, images):
-    d = os.path.join(root, "vae")
-    if not header(2, "vae", d, f"{P['vae_steps']} steps, batch {P['vae_batch']}"):
+def stage_vae(root, P, cfg, control, images, objects):
+    """A VAE whose loss weighs the objects' pixels vae_object_weight times the background's. With a plain mean over
+    pixels the easy ground and sky dominate, and a budget of minutes gives objects that are dark blobs, colours gone;
+    the renderer's exact object mask (dilated a pixel, for the edges) tells where to look (README)."""
+    d, dev = os.path.join(root, "vae"), torch.device(P["device"])
+    done = header(2, "vae", d, f"{P['vae_steps']} steps, batch {P['vae_batch']}", settings(P, control, "vae"))
+    torch.manual_seed(0)
+    vae = fused.install(model.VAE(cfg.vae)).to(dev)
+    if not done:
         t0 = time.perf_counter()
-        torch.manual_seed(0)
-        vae = fused.install(model.VAE(cfg.vae))
+        weight = 1 + (P["vae_object_weight"] - 1) * F.max_pool2d(objects, 3, 1, 1)
 
         def loss_fn(step):
-            x = images[batch_indices(step, len(images), P["vae_batch"], 10)]
+            idx = batch_indices(step, len(images), P["vae_batch"], 10)
+            x, w = images[idx].to(dev), weight[idx].to(dev)
             mean, logvar = vae.encode(x)
-            g = torch.Generator().manual_seed(step)
-            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
-            rec = vae.decode(z)
+            g = torch.Generator(dev).manual_seed(step)
+            rec = vae.decode(mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g, device=dev))
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
             # L1 + MSE keeps edges sharper than MSE alone; a small KL keeps the latent space smooth
-            return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+            return ((rec - x).abs() + (rec - x).pow(2)).mul(w).sum() / (w.sum() * 3) + 1e-4 * kl
 
-        loss, step_time = fit(d, [vae], loss_fn, P["vae_steps"], P["vae_lr"], P["save_every"], desc="vae")
+        loss, step_time = fit(d, [vae], loss_fn, P["vae_steps"], P["vae_lr"], P["save_every"], desc="vae",
+                              cosine=True)
         vae.eval()
         with torch.no_grad():  # LDM sec. 4.3.2: scale the latents to unit variance
-            std = vae.encode(images[:256])[0].std().item()
-        mark_done(d, scaling_factor=1.0 / std, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
+            std = vae.encode(images[:256].to(dev))[0].std().item()
+        mark_done(d, settings(P, control, "vae"), scaling_factor=1.0 / std, loss=loss, step_time=step_time,
+                  seconds=time.perf_counter() - t0)
     else:
-        vae = model.VAE(cfg.vae)
-        vae.load_state_dict(train.load_checkpoint(os.path.join(d, "checkpoint.pt"), "cpu")["modules"][0])
+        vae.load_state_dict(train.load_checkpoint(os.path.join(d, "checkpoint.pt"), dev)["modules"][0])
     cfg.vae.scaling_factor = vae.cfg.scaling_factor = done_info(d)["scaling_factor"]
     return vae.requires_grad_(False).eval()
 
 
-def stage_base(root, P, cfg, tokenizer, vae, images, texts):
-    d = os.path.join(root, "base")
+def stage_base(root, P, cfg, control, tokenizer, vae, images, texts):
+    d, dev = os.path.join(root, "base"), torch.device(P["device"])
     path = os.path.join(d, "sd.safetensors")
-    if header(3, "base", d, f"text-to-image UNet + text encoder, {P['base_steps']} steps, batch {P['base_batch']}"):
-        return formats.load_sd(path)
+    if header(3, "base", d, f"text-to-image UNet + text encoder, {P['base_steps']} steps, batch {P['base_batch']}",
+              settings(P, control, "base")):
+        return formats.load_sd(path, device=dev)
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    sd = fused.install(model.StableDiffusion(cfg, tokenizer))
+    sd = fused.install(model.StableDiffusion(cfg, tokenizer)).to(dev)
     sd.vae.load_state_dict(vae.state_dict())
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 256])[0] for i in range(0, len(images), 256)])
-        latents = latents * cfg.vae.scaling_factor
-        ids = tokenizer(texts)
-        empty = tokenizer([""])
-    schedule = sd.schedule
+        latents = torch.cat([sd.vae.encode_latents(images[i:i + 256].to(dev)) for i in range(0, len(images), 256)])
+        ids, empty = tokenizer(texts).to(dev), tokenizer([""]).to(dev)
 
     def loss_fn(step):
-        g = torch.Generator().manual_seed(step)
-        idx = batch_indices(step, len(latents), P["base_batch"], 20)
+        g = torch.Generator(dev).manual_seed(step)
+        idx = batch_indices(step, len(latents), P["base_batch"], 20).to(dev)
         x0, tok = latents[idx], ids[idx].clone()
-        drop = torch.rand(len(idx), generator=g) < P["caption_dropout"]  # for classifier-free guidance
+        drop = torch.rand(len(idx), generator=g, device=dev) < P["caption_dropout"]  # for classifier-free guidance
         tok[drop] = empty
-        t = torch.randint(0, 1000, (len(idx),), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        eps_hat = sd.unet(schedule.add_noise(x0, eps, t), t, sd.text_encoder(tok))
-        return F.mse_loss(eps_hat, eps)
+        t = torch.randint(0, 1000, (len(idx),), generator=g, device=dev)
+        eps = torch.randn(x0.shape, generator=g, device=dev)
+        return F.mse_loss(sd.unet(sd.schedule.add_noise(x0, eps, t), t, sd.text_encoder(tok)), eps)
 
     loss, step_time = fit(d, [sd.unet, sd.text_encoder], loss_fn, P["base_steps"], P["base_lr"], P["save_every"],
                           desc="base")
-    sd.eval()
-    formats.save_sd(sd, path)
-    mark_done(d, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
+    formats.save_sd(sd.eval(), path)
+    mark_done(d, settings(P, control, "base"), loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
     return sd
 
 
-ANNOTATORS = {"reward": ToyAnnotatorUNet, "evaluator": ToyAnnotatorDilated}
-
-
 def train_annotator(root, P, control, name, i, images=None, truths=None):
-    """One toy annotator (stage 4), trained to read the exact control from the image through the
-    same function training and evaluation call (reward.reward_prediction)."""
-    sub = os.path.join(root, "annotators", name)
+    """One toy annotator (stage 4), trained to read the exact control from the image through the same function
+    training and evaluation call (reward.reward_prediction)."""
+    sub, dev = os.path.join(root, "annotators", name), torch.device(P["device"])
     if images is None:
-        images, _, truths, _ = load_arrays(os.path.join(root, "data", "train"), control, P["size"])
-    kind = "depth" if control == "depth" else "edges"
+        images, truths, _, _ = load_arrays(os.path.join(root, "data", "train"), control, P["size"])
     target = reward.depth_label(truths) if control == "depth" else truths[:, :1]
-    images01 = (images + 1) / 2
     torch.manual_seed(100 + i)
-    net = ANNOTATORS[name](P["annotator_width"], kind)
+    net = ANNOTATORS[name](P["annotator_width"], "depth" if control == "depth" else "edges").to(dev)
     t0 = time.perf_counter()
 
     def loss_fn(step):
         idx = batch_indices(step, len(images), P["annotator_batch"], 30 + i)
-        return F.mse_loss(reward.reward_prediction(control, net, images01[idx]), target[idx])
+        x = (images[idx].to(dev) + 1) / 2
+        return F.mse_loss(reward.reward_prediction(control, net, x), target[idx].to(dev))
 
     loss, step_time = fit(sub, [net], loss_fn, P["annotator_steps"], P["annotator_lr"], P["save_every"], desc=name)
-    mark_done(sub, loss=loss, step_time=step_time, seconds=time.perf_counter() - t0)
+    mark_done(sub, settings(P, control, "annotators"), loss=loss, step_time=step_time,
+              seconds=time.perf_counter() - t0)
     return sub
 
 
-def annotator_todo(root, P):
-    todo = []
-    for name in ANNOTATORS:
-        sub = os.path.join(root, "annotators", name)
-        what = f"{ANNOTATORS[name].__name__}, {P['annotator_steps']} steps, batch {P['annotator_batch']}"
-        if not header(4, f"annotators/{name}", sub, what):
-            todo.append(name)
-    return todo
+def annotator_todo(root, P, control):
+    return [name for name in ANNOTATORS if not header(
+        4, f"annotators/{name}", os.path.join(root, "annotators", name),
+        f"{ANNOTATORS[name].__name__}, {P['annotator_steps']} steps, batch {P['annotator_batch']}",
+        settings(P, control, "annotators"))]
 
 
 def load_annotators(root, P, control):
     """The reward model and the evaluator, frozen (their training: train_annotator)."""
-    kind = "depth" if control == "depth" else "edges"
     nets = []
     for name, cls in ANNOTATORS.items():
-        net = cls(P["annotator_width"], kind)
-        net.load_state_dict(train.load_checkpoint(os.path.join(root, "annotators", name, "checkpoint.pt"),
-                                                  "cpu")["modules"][0])
-        nets.append(net.requires_grad_(False).eval())
+        net = cls(P["annotator_width"], "depth" if control == "depth" else "edges")
+        path = os.path.join(root, "annotators", name, "checkpoint.pt")
+        net.load_state_dict(train.load_checkpoint(path, "cpu")["modules"][0])
+        nets.append(net.to(P["device"]).requires_grad_(False).eval())
     return nets
 
 
-def train_args(out, P, method, stage, control, steps, batch, lr, seed, extra=()):
-    argv = ["--method", method, "--stage", stage, "--control", control, "--out", out,
-            "--max-steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed),
-            "--resolution", str(P["size"]), "--num-workers", "0", "--device", "cpu",
-            "--sample-every", "0", "--log-every", str(P["log_every"]), "--save-every", str(P["save_every"]),
-            "--warmup-steps", "10", "--resume"]
-    return train.parse_args(argv + list(extra))
-
+# ----------------------------------------------------------------------------------------------
+# Stages 5-7: ControlNet, probe and fine-tuning, through train.py
 
 def run_train_stage(out, P, sd, controlnet, probe, reward_model, dataset, method, stage, control, steps, batch,
                     lr, seed, extra=()):
-    """One call of train.train with the shapes-world models (resuming OUT/checkpoint.pt if there is
-    one); returns the path of the trained ControlNet or probe and the mean step time."""
-    args = train_args(out, P, method, stage, control, steps, batch, lr, seed, extra)
-    models = train.Models(args, sd, controlnet, probe, reward_model,
-                          annotator=reward_model if control != "depth" else None)
+    """One call of train.train with the shapes-world models (resuming OUT/checkpoint.pt if there is one); returns
+    the path of the trained ControlNet or probe and the seconds it took."""
+    argv = ["--method", method, "--stage", stage, "--control", control, "--out", out, "--max-steps", str(steps),
+            "--batch-size", str(batch), "--lr", str(lr), "--seed", str(seed), "--resolution", str(P["size"]),
+            "--num-workers", "0", "--device", P["device"], "--sample-every", "0", "--log-every", str(P["log_every"]),
+            "--save-every", str(P["save_every"]), "--warmup-steps", "10", "--resume"]
+    args = train.parse_args(argv + list(extra))
+    models = train.Models(args, sd, controlnet, probe, reward_model, annotator=reward_model if control != "depth"
+                          else None)
     ds = data.ControlDataset(dataset, P["size"], control_column=control_column(control))
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     train.train(args, models, ds, log=print)  # prints "resumed from ... at step N" when it continues
     seconds = time.perf_counter() - t0
     path = train.finish(args, models)
-    sd.requires_grad_(False).eval()  # train.Models left them frozen; keep it explicit for the next stage
+    sd.requires_grad_(False).eval()
     return path, seconds
 
 
 def log_step_time(d):
-    """Mean step time from train.py's log (the first interval holds the FLOP count, so skip it)."""
+    """Median step time from train.py's log (the first interval holds the FLOP count, so it is skipped)."""
     rows = []
     if os.path.exists(os.path.join(d, "log.jsonl")):
         with open(os.path.join(d, "log.jsonl")) as f:
@@ -425,26 +485,30 @@ def log_step_time(d):
 
 def stage_controlnet(root, P, sd, reward_model, train_dir, control):
     d = os.path.join(root, "controlnet")
+    made_with = settings(P, control, "controlnet")
     if not header(5, "controlnet", d, f"from the base UNet, diffusion loss only, {P['controlnet_steps']} steps, "
-                                      f"batch {P['controlnet_batch']}"):
+                                      f"batch {P['controlnet_batch']}", made_with):
         torch.manual_seed(0)
-        net = ControlNet.from_unet(sd.unet)
-        _, seconds = run_train_stage(d, P, sd, net, None, reward_model, train_dir, "controlnet", "finetune", control,
-                                     P["controlnet_steps"], P["controlnet_batch"], P["controlnet_lr"], 0)
-        mark_done(d, seconds=seconds, step_time=log_step_time(d))
+        # the hint encoder halves the control as often as the VAE halves the image: two stride-2 steps for 4x
+        widths = HINT_BLOCK_CHANNELS[:2 * int(math.log2(sd.vae.cfg.factor)) + 1]
+        _, seconds = run_train_stage(d, P, sd, ControlNet.from_unet(sd.unet, 3, widths), None, reward_model, train_dir,
+                                     "controlnet", "finetune", control, P["controlnet_steps"], P["controlnet_batch"],
+                                     P["controlnet_lr"], 0)
+        mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
     return os.path.join(d, "controlnet.safetensors")
 
 
 def stage_probe(root, P, sd, controlnet_path, reward_model, train_dir, control):
     d = os.path.join(root, "probe")
+    made_with = settings(P, control, "probe")
     if not header(6, "probe", d, f"reads the control from the frozen UNet's decoder features, {P['probe_steps']} "
-                                 f"steps, batch {P['probe_batch']}"):
+                                 f"steps, batch {P['probe_batch']}", made_with):
         torch.manual_seed(0)
         probe = Probe(ProbeConfig.for_unet(sd.unet.config))
         _, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model, train_dir,
                                      "innercontrol", "probe", control, P["probe_steps"], P["probe_batch"],
                                      P["probe_lr"], 0)
-        mark_done(d, seconds=seconds, step_time=log_step_time(d))
+        mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
     return os.path.join(d, "probe.safetensors")
 
 
@@ -453,33 +517,33 @@ def finetune_dir(root, method, seed):
 
 
 def finetune_one(root, P, control, method, seed, sd=None, reward_model=None):
-    """One fine-tuning run (stage 7) from the stage-5 ControlNet. Loads what it needs from the
-    finished stages when not given them, so that it can run in a worker process."""
+    """One fine-tuning run (stage 7) from the stage-5 ControlNet. Loads what it needs from the finished stages when
+    not given them, so that it can run in a worker process."""
     d = finetune_dir(root, method, seed)
     if sd is None:
-        sd = formats.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
+        sd = formats.load_sd(os.path.join(root, "base", "sd.safetensors"), device=P["device"])
         reward_model = load_annotators(root, P, control)[0]
     probe = load_probe(os.path.join(root, "probe", "probe.safetensors")) if method == "innercontrol" else None
-    _, seconds = run_train_stage(d, P, sd, load_controlnet(os.path.join(root, "controlnet", "controlnet.safetensors")),
+    _, seconds = run_train_stage(d, P, sd.requires_grad_(False).eval(),
+                                 load_controlnet(os.path.join(root, "controlnet", "controlnet.safetensors")),
                                  probe, reward_model, os.path.join(root, "data", "train"), method, "finetune", control,
                                  P["finetune_steps"], P["finetune_batch"], P["finetune_lr"], seed,
                                  P["finetune_args"])  # e.g. ["--alpha", "0.5"]
-    mark_done(d, seconds=seconds, step_time=log_step_time(d))
+    mark_done(d, settings(P, control, "finetune", method=method, seed=seed), seconds=seconds,
+              step_time=log_step_time(d))
     return d
 
 
 def stage_finetune(root, P, sd, reward_model, control):
-    """ControlNet, ControlNet++ and InnerControl from the same start, with the same seeds: the same
-    batches, timesteps and noise for the three methods. The runs are independent, so they share
-    the cores: one single-threaded worker process per core (the ops are small, and one process per
-    core beats threads that wait on each other)."""
+    """ControlNet, ControlNet++ and InnerControl from the same start, with the same seeds: the same batches,
+    timesteps and noise for the three methods. The runs are independent, so they share the cores: one
+    single-threaded worker process per core (the ops are small, and one process per core beats threads that wait
+    on each other)."""
     jobs = [(m, s) for m in METHODS for s in P["seeds"]]
-    todo = []
-    for method, seed in jobs:
-        d = finetune_dir(root, method, seed)
-        if not header(7, f"finetune {NAMES[method]}, seed {seed}", d,
-                      f"from stage 5, {P['finetune_steps']} steps, batch {P['finetune_batch']}"):
-            todo.append((method, seed))
+    todo = [(m, s) for m, s in jobs if not header(
+        7, f"finetune {NAMES[m]}, seed {s}", finetune_dir(root, m, s),
+        f"from stage 5, {P['finetune_steps']} steps, batch {P['finetune_batch']}",
+        settings(P, control, "finetune", method=m, seed=s))]
     if P["workers"] > 1 and len(todo) > 1:
         print(f"  {len(todo)} runs in {P['workers']} worker processes (progress in each run's console.txt)",
               flush=True)
@@ -493,7 +557,7 @@ def stage_finetune(root, P, sd, reward_model, control):
 
 
 # ----------------------------------------------------------------------------------------------
-# Worker processes: independent runs (the fine-tuning runs, the annotators) on separate cores.
+# Worker processes: independent runs (the fine-tuning runs, the annotators, the evaluations) on separate cores.
 
 def _worker_init():
     torch.set_num_threads(1)
@@ -516,9 +580,9 @@ def _worker_call(fn, args, console):
 
 
 class Workers:
-    """Calls [(fn, args)] running in n spawned single-threaded processes, each call's output going to
-    its console file. wait() prints one line per finished call. On Ctrl-C (or any error) stop()
-    tells every worker to stop; each saves its checkpoint before the interrupt goes on."""
+    """Calls [(fn, args)] running in n spawned single-threaded processes, each call's output going to its console
+    file. wait() prints one line per finished call. On Ctrl-C (or any error) stop() tells every worker to stop;
+    each saves its checkpoint before the interrupt goes on."""
 
     def __init__(self, n, calls, consoles, names):
         self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
@@ -551,40 +615,81 @@ class Workers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# Stage 8: evaluation, the paired comparison, the figures
+
 @torch.no_grad()
-def probe_error_by_timestep(sd, controlnet, probe, reward_model, conds, images, texts, control, seed=0):
-    """Per timestep bucket (0-200, ..., 800-1000): RMSE (8-bit) of the probe's reading of the
-    control from the UNet's features, beside the reward model run on the one-step x0 estimate: the
-    paper's sec. 3.1 argument, measured (the probe stays usable at high t, the x0 estimate blurs)."""
-    g = torch.Generator().manual_seed(seed)
-    label = reward.make_label(control, reward_model, (images + 1) / 2, conds if control == "depth" else None)
-    cond = reward.control_image(control, label, conds)
-    context = sd.encode_prompt(texts)
-    latents = sd.vae.encode(images)[0] * sd.vae.cfg.scaling_factor
+def probe_error_by_timestep(sd, controlnet, probe, reward_model, truths, images, texts, control, seed=0):
+    """Per timestep bucket (0-200, ..., 800-1000): RMSE (8-bit) of the probe's reading of the control from the
+    UNet's features, beside the reward model run on the one-step x0 estimate: the paper's sec. 3.1 argument,
+    measured (the probe stays usable at high t, the x0 estimate blurs)."""
+    dev, g = images.device, torch.Generator(images.device).manual_seed(seed)
+    depth = truths if control == "depth" else None
+    label = reward.make_label(control, reward_model, (images + 1) / 2, depth)
+    cond = reward.control_image(control, label, depth)
+    context, latents = sd.encode_prompt(texts), sd.vae.encode_latents(images)
     rows = []
     for lo in range(0, 1000, 200):
-        t = torch.randint(lo, lo + 200, (len(images),), generator=g)
-        noise = torch.randn(latents.shape, generator=g)
-        x_t = sd.schedule.add_noise(latents, noise, t)
+        t = torch.randint(lo, lo + 200, (len(images),), generator=g, device=dev)
+        x_t = sd.schedule.add_noise(latents, torch.randn(latents.shape, generator=g, device=dev), t)
         eps, feats = sd.unet(x_t, t, context, control=controlnet(x_t, t, context, cond), return_features=True)
         p = reward.probe_to_label_space(probe_output01(probe(feats)), control, size=label.shape[-2:])
         x0 = sd.schedule.x0_from_eps(x_t, eps, t)
         r = reward.reward_prediction(control, reward_model, ((sd.vae.decode_latents(x0) + 1) / 2).clamp(0, 1))
         rows.append({"bucket": f"{lo}-{lo + 200}", "probe_rmse": metrics.rmse_8bit(p, label).mean().item(),
-                     "x0_reward_rmse": metrics.rmse_8bit(r, label).mean().item(),
-                     "probe": p[:4], "x0_reward": r[:4]})
+                     "x0_reward_rmse": metrics.rmse_8bit(r, label).mean().item(), "probe": p[:4], "x0_reward": r[:4]})
     return rows
 
 
-def tile(x, size):
-    x = x.float().cpu()
-    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    return F.interpolate(x, size=size, mode="nearest").clamp(0, 1)
+@torch.no_grad()
+def evaluate_one(root, P, control, controlnet_path, texts, cond, label, real_features, sd=None, evaluator=None):
+    """Generate the held-out scenes (with the ControlNet at controlnet_path, or none) and score them: returns
+    (images, per-scene controllability (N,), Frechet distance to the real renders on the evaluator's features)."""
+    if sd is None:  # in a worker process
+        sd = formats.load_sd(os.path.join(root, "base", "sd.safetensors"), device=P["device"])
+        evaluator = load_annotators(root, P, control)[1]
+    controlnet = load_controlnet(controlnet_path, device=P["device"]) if controlnet_path else None
+    fused.install(sd, controlnet, evaluator)
+    # every row starts from the same initial noise (seed eval_seed): the rows differ only in their ControlNet, and
+    # the spread over the fine-tuning seeds is the training's, not the sampler's
+    gen = evaluation.generate_images(sd, texts, None if controlnet is None else cond.to(P["device"]), controlnet,
+                                     steps=P["eval_steps"], guidance=P["guidance"], seed=P["eval_seed"], size=P["size"])
+    scores = evaluation.controllability(control, evaluator, gen.to(P["device"]), label.to(P["device"])).cpu()
+    return gen, scores, metrics.fid(real_features, evaluation.evaluator_features(evaluator, gen.to(P["device"])))
+
+
+def paired_difference(a, b, resamples=10_000, seed=0):
+    """Mean of a - b over (seeds, scenes) score arrays of two methods run with the same seeds and evaluated on the
+    same scenes from the same noise, with a 95% interval from a bootstrap over both seeds and scenes."""
+    d = torch.as_tensor(np.asarray(a, np.float64) - np.asarray(b, np.float64))  # (S, N)
+    g = torch.Generator().manual_seed(seed)
+    si = torch.randint(0, d.shape[0], (resamples, d.shape[0]), generator=g)
+    ni = torch.randint(0, d.shape[1], (resamples, d.shape[1]), generator=g)
+    means = d[si[:, :, None], ni[:, None, :]].mean((1, 2))
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return d.mean().item(), lo, hi
+
+
+@torch.no_grad()
+def vae_floor(sd, evaluator, images, objects, label, control):
+    """The best any generated image can score: the evaluator on the VAE's reconstructions of the held-out renders,
+    beside its score on the renders themselves, and the reconstructions' PSNR (all pixels, object pixels)."""
+    rec = ((sd.vae.decode(sd.vae.encode(images)[0]) + 1) / 2).clamp(0, 1)
+    real = (images + 1) / 2
+    err = (rec - real).pow(2).mean(1, keepdim=True)
+
+    def psnr(w):  # per image, over the pixels w marks, then the mean over images
+        mse = (err * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1)
+        return (10 * torch.log10(1 / mse)).mean()
+    return rec, {"psnr": psnr(torch.ones_like(objects)).item(), "psnr_objects": psnr(objects).item(),
+                 "real": evaluation.controllability(control, evaluator, real, label).mean().item(),
+                 "reconstruction": evaluation.controllability(control, evaluator, rec, label).mean().item()}
 
 
 def save_figure(path, columns, headers, size=96):
     """columns: list of (N,C,H,W) tensors in [0,1]; one column each, one row per sample, a header row."""
-    grid = torch.cat([torch.cat(list(tile(c, (size, size))), 1) for c in columns], 2)
+    tile = lambda x: F.interpolate(x.float().cpu().expand(-1, 3, -1, -1), size=(size, size)).clamp(0, 1)  # noqa
+    grid = torch.cat([torch.cat(list(tile(c)), 1) for c in columns], 2)
     img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     canvas = Image.new("RGB", (img.width, img.height + 16), "white")
     canvas.paste(img, (0, 16))
@@ -594,35 +699,17 @@ def save_figure(path, columns, headers, size=96):
     canvas.save(path)
 
 
-@torch.no_grad()
-def evaluate_one(root, P, control, controlnet_path, texts, cond, label, real_features, sd=None, evaluator=None):
-    """Generate the held-out scenes (with the ControlNet at controlnet_path, or none) and score them:
-    returns (images, controllability, Frechet distance to the real renders on the evaluator's features)."""
-    if sd is None:  # in a worker process
-        sd = formats.load_sd(os.path.join(root, "base", "sd.safetensors")).requires_grad_(False).eval()
-        evaluator = load_annotators(root, P, control)[1]
-    controlnet = load_controlnet(controlnet_path) if controlnet_path else None
-    fused.install(sd, controlnet, evaluator)
-    # every row starts from the same initial noise (seed P["eval_seed"]): the rows differ only in their
-    # ControlNet, and the spread over the fine-tuning seeds is the training's, not the sampler's
-    gen = evaluation.generate_images(sd, texts, cond if controlnet is not None else None, controlnet,
-                                     steps=P["eval_steps"], guidance=P["guidance"], seed=P["eval_seed"],
-                                     size=P["size"])
-    score = evaluation.controllability(control, evaluator, gen, label).mean().item()
-    fd = metrics.fid(real_features, evaluation.evaluator_features(evaluator, gen))
-    return gen, score, fd
-
-
 def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model, evaluator, test_dir, control):
-    d = os.path.join(root, "eval")
+    d, dev = os.path.join(root, "eval"), torch.device(P["device"])
     t0 = time.perf_counter()
-    images, conds, _, texts = load_arrays(test_dir, control, P["size"])
-    depth = conds if control == "depth" else None
+    images, truths, objects, texts = load_arrays(test_dir, control, P["size"])
+    images, truths, objects = images.to(dev), truths.to(dev), objects.to(dev)
+    depth = truths if control == "depth" else None
     # the ControlNet's input: the reward model's annotation (as in training); the label: the evaluator's
     cond = reward.control_image(control, reward.make_label(control, reward_model, (images + 1) / 2, depth), depth)
     label = evaluation.eval_label(control, evaluator, (images + 1) / 2, depth)
-    real_features = evaluation.evaluator_features(evaluator, (images + 1) / 2)
-    inputs = (texts, cond, label, real_features)
+    real_features = evaluation.evaluator_features(evaluator, (images + 1) / 2).cpu()
+    inputs = (texts, cond.cpu(), label.cpu(), real_features)
     runs = [("base", None, 0), ("start", controlnet_path, 0)] + \
         [(method, finetuned[(method, seed)], seed) for method in METHODS for seed in P["seeds"]]
     if P["workers"] > 1:
@@ -631,32 +718,42 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
                       [os.path.join(d, "console.txt")] * len(runs),
                       [f"eval {name}, seed {seed}" for name, _, seed in runs]).wait()
     else:
-        out = [evaluate_one(root, P, control, path, *inputs, sd, evaluator) for _, path, _ in runs]
-    results = {(name, seed): r for (name, _, seed), r in zip(runs, out)}
-    table = [("base model, no ControlNet", [results["base", 0][1]], [results["base", 0][2]]),
-             ("ControlNet (stage 5, before fine-tuning)", [results["start", 0][1]], [results["start", 0][2]])]
-    for method in METHODS:
-        table.append((f"{NAMES[method]} (+{P['finetune_steps']} steps)",
-                      [results[method, s][1] for s in P["seeds"]], [results[method, s][2] for s in P["seeds"]]))
-    gens = {method: results[method, P["seeds"][0]][0] for method in METHODS}
-
-    probe_rows = probe_error_by_timestep(sd, load_controlnet(controlnet_path), load_probe(probe_path), reward_model,
-                                         conds, images, texts, control)
-    k = min(4, len(images))
+        out = [evaluate_one(root, P, control, path, *inputs, sd, evaluator) for _, path, _ in tqdm(runs, desc="eval")]
+    res = {(name, seed): r for (name, _, seed), r in zip(runs, out)}
+    rec, floor = vae_floor(sd, evaluator, images, objects, label, control)
+    base, start = res["base", 0][1].mean().item(), res["start", 0][1].mean().item()
+    floor["control_ratio"] = (base - start) / (base - floor["reconstruction"])  # share of the gap stage 5 closes
+    per_scene = {m: [res[m, s][1].tolist() for s in P["seeds"]] for m in METHODS}
+    lower_better = control == "depth"
+    pairs = []
+    for a, b in (("controlnet++", "controlnet"), ("innercontrol", "controlnet"), ("innercontrol", "controlnet++")):
+        mean, lo, hi = paired_difference(per_scene[a], per_scene[b])
+        better = (mean < 0) == lower_better
+        pairs.append({"pair": f"{NAMES[a]} - {NAMES[b]}", "mean": mean, "lo": lo, "hi": hi,
+                      "significant": lo > 0 or hi < 0, "better": NAMES[a] if better else NAMES[b]})
+    table = [("base model, no ControlNet", [base], [res["base", 0][2]]),
+             ("ControlNet (stage 5, before fine-tuning)", [start], [res["start", 0][2]])]
+    table += [(f"{NAMES[m]} (+{P['finetune_steps']} steps)", [res[m, s][1].mean().item() for s in P["seeds"]],
+               [res[m, s][2] for s in P["seeds"]]) for m in METHODS]
+    probe_rows = probe_error_by_timestep(sd, load_controlnet(controlnet_path, device=dev), load_probe(probe_path,
+                                         device=dev), reward_model, truths, images, texts, control)
+    k = min(6, len(images))
     save_figure(os.path.join(root, "figure.png"),
-                [cond[:k]] + [gens[m][:k] for m in METHODS],
-                ["condition"] + [NAMES[m] for m in METHODS])
+                [cond[:k], (images[:k] + 1) / 2, res["base", 0][0][:k], res["start", 0][0][:k]]
+                + [res[m, P["seeds"][0]][0][:k] for m in METHODS],
+                ["condition", "real render", "no ControlNet", "ControlNet s5"] + [NAMES[m] for m in METHODS])
+    save_figure(os.path.join(root, "vae_figure.png"), [(images[:k] + 1) / 2, rec[:k]], ["render", "VAE"])
     save_figure(os.path.join(root, "probe_figure.png"),
                 [label[:k]] + [r["probe"][:k] for r in probe_rows] + [r["x0_reward"][:k] for r in probe_rows],
                 ["label"] + [f"probe t{r['bucket'].split('-')[0]}" for r in probe_rows] +
                 [f"x0 t{r['bucket'].split('-')[0]}" for r in probe_rows])
-    metric = "depth RMSE (8-bit)" if control == "depth" else f"{control} SSIM"
-    results = {"control": control, "metric": metric,
-               "table": [{"method": m, "score": s, "fd": f} for m, s, f in table],
+    metric = "depth RMSE (8-bit, lower is better)" if control == "depth" else f"{control} SSIM (higher is better)"
+    results = {"control": control, "metric": metric,  # 64 px maps are too small for MS-SSIM's 5 scales: SSIM
+               "table": [{"method": m, "score": s, "fd": f} for m, s, f in table], "pairs": pairs, "floor": floor,
+               "per_scene": per_scene,
                "probe_by_timestep": [{k2: v for k2, v in r.items() if k2 in ("bucket", "probe_rmse", "x0_reward_rmse")}
-                                     for r in probe_rows],
-               "preset": P}
-    mark_done(d, seconds=time.perf_counter() - t0)
+                                     for r in probe_rows], "preset": P}
+    mark_done(d, settings(P, control, "eval"), seconds=time.perf_counter() - t0)
     results["seconds"] = stage_seconds(root)
     with open(os.path.join(root, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
@@ -668,10 +765,8 @@ def stage_seconds(root):
     """Wall time each stage took (from its done.json), for the summary."""
     out = {}
     for dirpath, _, files in sorted(os.walk(root)):
-        if "done.json" in files:
-            info = done_info(dirpath)
-            if "seconds" in info:
-                out[os.path.relpath(dirpath, root)] = round(info["seconds"], 1)
+        if "done.json" in files and "seconds" in done_info(dirpath):
+            out[os.path.relpath(dirpath, root)] = round(done_info(dirpath)["seconds"], 1)
     return out
 
 
@@ -681,15 +776,22 @@ def mean_std(xs, fmt):
 
 
 def print_results(results):
-    control = results["control"]
-    metric = "depth RMSE (8-bit, lower is better)" if control == "depth" else f"{control} SSIM (higher is better)"
-    fmt = ".2f" if control == "depth" else ".4f"
-    print(f"\n| method | {metric} | Frechet distance to real renders (evaluator features) |")
+    fmt = ".2f" if results["control"] == "depth" else ".4f"
+    print(f"\n| method | {results['metric']} | Frechet distance to real renders (evaluator features) |")
     print("| --- | --- | --- |")
     for row in results["table"]:
         print(f"| {row['method']} | {mean_std(row['score'], fmt)} | {mean_std(row['fd'], '.3g')} |")
     n = len(results["table"][-1]["score"])
     print(f"(fine-tuning rows: mean ± std over {n} seeds)" if n > 1 else "(one seed)")
+    print("\n| pair (same seeds, scenes and noise) | mean difference | 95% interval | significant |")
+    print("| --- | --- | --- | --- |")
+    for p in results["pairs"]:
+        verdict = f"yes: {p['better']} is better" if p["significant"] else "no"
+        print(f"| {p['pair']} | {p['mean']:+{fmt}} | [{p['lo']:+{fmt}}, {p['hi']:+{fmt}}] | {verdict} |")
+    f = results["floor"]
+    print(f"\nVAE: PSNR {f['psnr']:.2f} dB (object pixels {f['psnr_objects']:.2f} dB); evaluator on real renders "
+          f"{f['real']:{fmt}}, on their reconstructions {f['reconstruction']:{fmt}}; the stage-5 ControlNet closes "
+          f"{f['control_ratio']:.2f} of the gap between no ControlNet and the reconstructions")
     print("\n| t bucket | probe RMSE (8-bit) | reward model on one-step x0 RMSE (8-bit) |")
     print("| --- | --- | --- |")
     for r in results["probe_by_timestep"]:
@@ -698,39 +800,37 @@ def print_results(results):
         print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
 
 
+# ----------------------------------------------------------------------------------------------
+# The whole run
+
 def run(args):
     """The whole pipeline; `args` are train.py's (control, out, fresh)."""
     root = args.out if args.out != "runs/train" else f"runs/shapes-{args.control}"
+    P = preset()
     if args.fresh and os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(root, exist_ok=True)
     try:
-        return _run(root, args.control)
+        return _run(root, P, args.control)
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun the same command to continue from the last checkpoint in {root}",
               file=sys.stderr)
         sys.exit(130)
 
 
-def _run(root, control):
-    P = preset()
+def _run(root, P, control):
     t0 = time.time()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # The ops of these small models are short, and with two threads each one waits for both: one
-        # other busy process on a 2-core machine makes a step 5-20x slower (measured). On an idle
-        # machine two threads gain at most 2x; OMP_NUM_THREADS=2 asks for them.
+    if "OMP_NUM_THREADS" not in os.environ and P["device"] == "cpu":
+        # The ops of these small models are short, and with two threads each one waits for both: one other busy
+        # process on a 2-core machine makes a step 5-20x slower (measured). On an idle machine two threads gain at
+        # most 2x; OMP_NUM_THREADS=2 asks for them.
         torch.set_num_threads(1)
     n = torch.get_num_threads()
-    print(f"shapes world -> {root} (control: {control}, {n} thread{'s' if n > 1 else ''})")
-    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
-    if n > 1 and load > cores:
-        # the ops here are small: threads that wait on each other for a busy core stall every op
-        print(f"note: this machine is busy (load {load:.1f} on {cores} cores); the run is much faster with "
-              "OMP_NUM_THREADS=1 (the default) until it is quiet")
+    print(f"shapes world -> {root} (control: {control}, {P['device']}, {n} thread{'s' if n > 1 else ''})")
     train_dir, test_dir = stage_data(root, P, control)
-    images, _, truths, texts = load_arrays(train_dir, control, P["size"])
+    images, truths, objects, texts = load_arrays(train_dir, control, P["size"])
     # stage 4 needs only the data: with a second core its annotators train beside stages 2 and 3
-    todo, background = annotator_todo(root, P), None
+    todo, background = annotator_todo(root, P, control), None
     if todo and P["workers"] > 1:
         print("  annotators train in a worker process beside stages 2-3 (progress in annotators/*/console.txt)",
               flush=True)
@@ -739,11 +839,10 @@ def _run(root, control):
                              [os.path.join(root, "annotators", name, "console.txt") for name in todo],
                              [f"4/8 annotators/{name}" for name in todo])
     try:
-        tokenizer = model.Tokenizer.word_level(shapes_render.SHAPES_VOCAB)
+        tokenizer = model.Tokenizer.word_level(shapes_render.SHAPES_VOCAB, max_len=16)
         cfg = shapes_config(P, tokenizer.vocab_size, max_len=16)
-        tokenizer.max_len = cfg.text.max_len
-        vae = stage_vae(root, P, cfg, images)
-        sd = stage_base(root, P, cfg, tokenizer, vae, images, texts)
+        vae = stage_vae(root, P, cfg, control, images, objects)
+        sd = stage_base(root, P, cfg, control, tokenizer, vae, images, texts)
         sd.requires_grad_(False).eval()
         if background is not None:
             background.wait()
@@ -755,21 +854,17 @@ def _run(root, control):
             background.stop()
         raise
     reward_model, evaluator = load_annotators(root, P, control)
-    stages = [os.path.join(root, s) for s in ("controlnet", "probe")] + \
-        [finetune_dir(root, m, s) for m in METHODS for s in P["seeds"]]
-    all_done = all(stage_done(s) for s in stages)
     cn_path = stage_controlnet(root, P, sd, reward_model, train_dir, control)
     probe_path = stage_probe(root, P, sd, cn_path, reward_model, train_dir, control)
     finetuned = stage_finetune(root, P, sd, reward_model, control)
     results_path = os.path.join(root, "results.json")
-    if all_done and stage_done(os.path.join(root, "eval")) and os.path.exists(results_path):
-        print(f"8/8 eval: done, reusing {results_path}")
+    if header(8, "eval", os.path.join(root, "eval"), f"{P['n_test']} held-out scenes, {P['eval_steps']} sampling "
+              f"steps, guidance {P['guidance']}", settings(P, control, "eval")) and os.path.exists(results_path):
         with open(results_path) as f:
             results = json.load(f)
     else:
-        print(f"8/8 eval: {P['n_test']} held-out scenes, {P['eval_steps']} sampling steps, guidance {P['guidance']}")
         results = stage_eval(root, P, sd, cn_path, probe_path, finetuned, reward_model, evaluator, test_dir, control)
     print_results(results)
-    print(f"\nfigures: {root}/figure.png, {root}/probe_figure.png; results: {results_path} "
+    print(f"\nfigures: {root}/figure.png, {root}/vae_figure.png, {root}/probe_figure.png; results: {results_path} "
           f"({(time.time() - t0) / 60:.1f} min)")
     return results

@@ -300,6 +300,9 @@ def _write_scene(job):
     for c in CONTROLS:
         row[f"{c}_file_name"] = f"{c}/{i:06d}.png"
         Image.fromarray(scene[c]).save(os.path.join(root, row[f"{c}_file_name"]), compress_level=1)
+    row["ids_file_name"] = f"ids/{i:06d}.png"  # which surface each pixel shows: 0 sky, 1 ground, k + 1 object k
+    Image.fromarray((scene["ids"] + 1).astype(np.uint8)).save(os.path.join(root, row["ids_file_name"]),
+                                                               compress_level=1)
     row["conditioning_file_name"] = row[f"{control}_file_name"]
     row["seed"] = [seed, i]
     return row
@@ -308,15 +311,15 @@ def _write_scene(job):
 def write_shapes_dataset(root, n, seed, size=64, control="depth", num_workers=0):
     """Render scenes (seed, 0) .. (seed, n-1) into `root` as an imagefolder dataset.
 
-    Writes images/, depth/, hed/, lineart/ PNGs (8-bit; line art dark on white) and metadata.jsonl
-    with columns file_name, text, depth_file_name, hed_file_name, lineart_file_name,
-    conditioning_file_name (= the `control` one's) and seed. metadata.jsonl is written last,
-    through a temporary file, so a folder that has it is complete. num_workers > 0 renders in
-    that many processes. Returns the metadata path."""
+    Writes images/, depth/, hed/, lineart/, ids/ PNGs (8-bit; line art dark on white; ids: 0 sky, 1 ground, k + 1
+    object k) and metadata.jsonl with columns file_name, text, depth_file_name, hed_file_name, lineart_file_name,
+    ids_file_name, conditioning_file_name (= the `control` one's) and seed. metadata.jsonl is written last, through
+    a temporary file, so a folder that has it is complete. num_workers > 0 renders in that many processes. Returns
+    the metadata path."""
     if control not in CONTROLS:
         raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
     root = os.fspath(root)
-    for sub in ("images", *CONTROLS):
+    for sub in ("images", "ids", *CONTROLS):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     jobs = [(root, seed, i, size, control) for i in range(n)]
     if num_workers > 0:

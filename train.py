@@ -195,7 +195,7 @@ def draw_noise(args, models, step, micro, rank, world_size, n):
     """The diffusion noise and the VAE posterior's sampling noise of this process's rows of one micro-batch, from a
     generator seeded by (step, micro-step): the same numbers in a one-process run, a multi-process run, and after
     a resume. The first n rows are kept (unreadable files shrink a batch)."""
-    B, hw = args.batch_size, args.resolution // 8
+    B, hw = args.batch_size, args.resolution // models.sd.vae.cfg.factor
     g = torch.Generator(models.device).manual_seed(args.seed * 7919 + step * 131 + micro)
     shape = (B * world_size, models.sd.unet.config.in_channels, hw, hw)
     noise, latent_noise = (torch.randn(shape, generator=g, device=models.device)[rank * B:rank * B + n]

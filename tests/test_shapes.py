@@ -1,7 +1,7 @@
-"""The shapes world end to end at smoke scale (SHAPES_SMOKE=1: every stage a few steps, 64 px renders):
-`python train.py --control depth` runs every stage, prints the table, writes loadable checkpoints,
-figures and results; a rerun reuses the finished stages; --fresh starts over; Ctrl-C mid-stage and
-a rerun continue from the stage's last checkpoint."""
+"""The shapes world end to end at smoke scale (SHAPES_SMOKE=1: every stage a few steps, 64 px renders, 16x16
+latents): `python train.py --control depth` runs every stage, prints the tables, writes loadable checkpoints,
+figures and results; a rerun reuses the finished stages, and only those made with the current settings; --fresh
+starts over; Ctrl-C mid-stage and a rerun continue from the stage's last checkpoint."""
 import json
 import math
 import os
@@ -87,12 +87,13 @@ def test_checkpoints_load(smoke):
     for k, v in sd.vae.state_dict().items():
         torch.testing.assert_close(v, vae_ck[k], rtol=0, atol=0)
 
-    x = torch.randn(1, 4, 8, 8)
+    assert sd.vae.cfg.factor == 4  # 64 px scenes, 16x16 latents
+    x = torch.randn(1, 4, 16, 16)
     context = sd.encode_prompt(["a red sphere"])
     hint = torch.rand(1, 3, 64, 64)
     start = formats.load_controlnet(os.path.join(out, "controlnet", "controlnet.safetensors"), sd.unet.config)
     residuals = start(x, 500, context, hint)
-    assert len(residuals) == 13 and residuals[0].shape == (1, 32, 8, 8)
+    assert len(residuals) == 13 and residuals[0].shape == (1, shapes.PRESET["unet_ch"], 16, 16)
     # stage 5 trained the zero convs away from zero: the ControlNet acts on the UNet
     assert residuals[-1].abs().max() > 0
     start_sd = start.state_dict()
@@ -106,7 +107,7 @@ def test_checkpoints_load(smoke):
     probe = formats.load_probe(os.path.join(out, "probe", "probe.safetensors"))
     with torch.no_grad():
         _, feats = sd.unet(x, 500, context, control=residuals, return_features=True)
-        assert probe(feats).shape == (1, 3, 8, 8)
+        assert probe(feats).shape == (1, 3, 16, 16)
 
     w = shapes.PRESET["annotator_width"]
     for name, net in (("reward", shapes.ToyAnnotatorUNet(w)), ("evaluator", shapes.ToyAnnotatorDilated(w))):
@@ -117,8 +118,8 @@ def test_checkpoints_load(smoke):
 
 def test_figures_are_pngs(smoke):
     out = smoke[0]
-    k = min(4, shapes.SMOKE["n_test"])
-    for name, columns in (("figure.png", 4), ("probe_figure.png", 11)):
+    k = min(6, shapes.SMOKE["n_test"])
+    for name, columns in (("figure.png", 7), ("vae_figure.png", 2), ("probe_figure.png", 11)):
         with Image.open(os.path.join(out, name)) as im:
             im.verify()
         with Image.open(os.path.join(out, name)) as im:
@@ -139,6 +140,25 @@ def test_results_json(smoke):
     assert [b["bucket"] for b in res["probe_by_timestep"]] == ["0-200", "200-400", "400-600", "600-800", "800-1000"]
     assert res["preset"]["size"] == 64 and res["preset"]["finetune_steps"] == 2
     assert set(res["seconds"]) == set(STAGES)
+    n_scenes, seeds = shapes.SMOKE["n_test"], len(shapes.SMOKE["seeds"])
+    assert all(len(v) == seeds and all(len(s) == n_scenes for s in v) for v in res["per_scene"].values())
+    assert [p["pair"] for p in res["pairs"]] == ["ControlNet++ - ControlNet", "InnerControl - ControlNet",
+                                                 "InnerControl - ControlNet++"]
+    for p in res["pairs"]:
+        assert p["lo"] <= p["mean"] <= p["hi"] and p["significant"] == (p["lo"] > 0 or p["hi"] < 0)
+    assert {"psnr", "psnr_objects", "real", "reconstruction", "control_ratio"} <= set(res["floor"])
+
+
+def test_paired_difference_interval():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 200, generator=g)
+    mean, lo, hi = shapes.paired_difference(a + 0.5, a)  # a constant shift: the interval is the point
+    assert mean == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    b = a + 0.3 + 0.5 * torch.randn(3, 200, generator=g)  # noisy: the interval holds the mean, excludes 0
+    mean, lo, hi = shapes.paired_difference(b, a)
+    assert lo < mean < hi and 0 < lo and hi - lo < 0.3
+    mean, lo, hi = shapes.paired_difference(a + 0.01 * torch.randn(3, 200, generator=g), a)
+    assert lo < 0 < hi  # no real difference: not significant
 
 
 def test_rerun_reuses_finished_stages(smoke):
@@ -154,12 +174,26 @@ def test_rerun_reuses_finished_stages(smoke):
     assert seconds < first_seconds
 
 
+def test_a_stage_made_with_other_settings_is_redone(smoke):
+    """A changed preset entry makes its stage stale, and every stage built on it; the others are reused."""
+    out = smoke[0]
+    p, _ = run(out, preset={"finetune_steps": 3})
+    assert p.stdout.count("done, reusing") == 7  # data, vae, base, the annotators, controlnet, probe
+    assert p.stdout.count("stale (made with another finetune_steps)") == len(shapes.METHODS) * len(shapes.SMOKE["seeds"])
+    assert "8/8 eval: stale (made with another finetune stage)" in p.stdout
+    assert [line for line in table_lines(p.stdout) if line.startswith("| InnerControl (+3 steps)")]
+    p, _ = run(out)  # and back
+    assert p.stdout.count("stale") == len(shapes.METHODS) * len(shapes.SMOKE["seeds"]) + 1
+
+
 def test_fresh_then_ctrl_c_then_rerun_resumes(smoke):
     out = smoke[0]
     probe_ck = os.path.join(out, "probe", "checkpoint.pt")
-    # --fresh: everything is redone; the probe stage is made long enough to be interrupted in
+    # --fresh: everything is redone; the probe stage is made long enough to be interrupted in (the rerun uses the
+    # same preset: a partial stage of other settings would be stale, and started over)
     t0 = time.time()
-    env = dict(ENV, SHAPES_PRESET=json.dumps({"probe_steps": 10_000}))
+    preset = {"probe_steps": 40}
+    env = dict(ENV, SHAPES_PRESET=json.dumps(preset))
     # a run started in the background by a non-interactive shell inherits SIGINT ignored; Ctrl-C must reach it
     proc = subprocess.Popen(command(out, "--fresh"), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
@@ -188,12 +222,12 @@ def test_fresh_then_ctrl_c_then_rerun_resumes(smoke):
     logged = [json.loads(line) for line in open(log_path)]
 
     # the rerun continues the probe from its checkpoint and finishes the pipeline
-    p, _ = run(out, preset={"probe_steps": step + 2})
+    p, _ = run(out, preset=preset)
     assert f"resumed from {probe_ck} at step {step}" in p.stdout
     assert p.stdout.count("done, reusing") == 6  # data, vae, base, the two annotators, controlnet
-    assert torch.load(probe_ck, weights_only=True)["step"] == step + 2
+    assert torch.load(probe_ck, weights_only=True)["step"] == 40
     rows = [json.loads(line) for line in open(log_path)]
-    assert [r["step"] for r in rows] == list(range(1, step + 3))
+    assert [r["step"] for r in rows] == list(range(1, 41))
     assert rows[:len(logged)] == logged  # the interrupted run's log was continued, not restarted
     assert [line for line in table_lines(p.stdout) if line.startswith("| InnerControl")]
     assert os.path.exists(os.path.join(out, "results.json"))

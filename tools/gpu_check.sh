@@ -70,7 +70,7 @@ part "bench: train-innercontrol-512" 90 python3 bench.py --device cuda --reps 3 
 part "bench: train bf16" 150 python3 bench.py --device cuda --reps 2 \
     train-controlnet-bf16 train-controlnet++-bf16 train-innercontrol-bf16
 
-python3 - "$REPORT" <<'PY' | tee -a "$REPORT.goals"
+python3 - "$REPORT" <<'PY' | tee -a "$REPORT"
 import re, sys
 text = open(sys.argv[1]).read()
 def field(name, pattern):
@@ -85,6 +85,6 @@ for name, value, goal in goals:
     verdict = "not measured" if value is None else ("met" if value <= goal else "missed")
     print(f"{name}: {value} (goal <= {goal}): {verdict}")
 PY
-cat "$REPORT.goals" >>"$REPORT" && rm -f "$REPORT.goals" "$OUT/part.out"
+rm -f "$OUT/part.out"
 say "== total $(( $(date +%s) - START )) s; the full log is $LOG"
 echo; echo "----- $REPORT -----"; cat "$REPORT"

@@ -4,21 +4,42 @@ unet.py, model.py, controlnet.py and reward.py are written with plain `nn` layer
 class of each layer it has a faster version of, in place, so the weights, the optimizer and the checkpoints never
 notice. The entry points (train.py, sample.py, eval.py, shapes.py, bench.py) call it on the models they run;
 INNERCONTROL_PLAIN=1 in the environment turns it off. Every path here is tested against the plain layer,
-forward and gradient (tests/test_fused.py); the README's Speed section gives what each one measured.
+forward and gradient (tests/test_fused.py); the README's Speed section gives what each one measured. Each layer
+decides per call which path its input takes: some paths pay on the CPU, some on CUDA, some on both. None needs
+Triton or torch.compile.
 
+On any device:
 - LeanConv2d: a convolution whose weight is frozen keeps only the weight for the backward, not its input.
   Training back-propagates through frozen networks (the UNet, to reach the ControlNet's residuals; the VAE decoder
   and the reward model, for ControlNet++'s reward), so this drops the saved input of every one of their convs.
-  On the CPU its input gradient is a forward convolution with the flipped kernel (stride 1).
-- FastConv2d: on the CPU, wide 3x3 convs on small maps run as im2col + one GEMM with the batch folded in, forward
-  and backward, where oneDNN's direct convolution reuses each weight at too few positions.
-- FastUpsample: on the CPU, 2x nearest upsampling + 3x3 conv as four 2x2 convs on the small map.
-- TokenSpatialTransformer: the 1x1 proj_in / proj_out run as linear layers on the (B, h*w, C) tokens, so the map
-  is turned into tokens once instead of twice.
-- FastAttention: on the CPU, heads laid out contiguously before scaled_dot_product_attention.
-- ChannelsLastSequential: the ControlNet's hint encoder in NHWC on the CPU (few channels, image-sized maps).
+  (A frozen linear layer needs no such path: autograd already keeps only its weight.)
+- TokenSpatialTransformer, TokenAttnBlock: the 1x1 projections run as linear layers on the (B, h*w, C) tokens, so
+  the map is turned into tokens once, and attention gets q, k, v with a contiguous last dimension, the layout
+  scaled_dot_product_attention's fused kernels take (the UNet's heads are views of that layout, no copies).
+On the CPU:
+- FrozenConv2dFn's input gradient is a forward convolution with the flipped kernel (stride 1).
+- FastConv2d: wide 3x3 convs on small maps run as im2col + one GEMM with the batch folded in, forward and
+  backward, where oneDNN's direct convolution reuses each weight at too few positions.
+- FastUpsample: 2x nearest upsampling + 3x3 conv as four 2x2 convs on the small map.
+- FastAttention: heads laid out contiguously before scaled_dot_product_attention.
+- ChannelsLastSequential: the ControlNet's hint encoder in NHWC (few channels, image-sized maps).
+On CUDA:
+- NormActSequential, LeanResnetBlock: GroupNorm + SiLU in one autograd function that keeps only the norm's input
+  and recomputes the normalised map in the backward (autograd keeps both).
+- LeanGEGLU: the gated feed-forward keeps only the projection's output and recomputes gelu(gate) in the backward.
+- cuda_graphs(): within it, forward passes of the UNet and the ControlNet without gradients replay CUDA graphs, one
+  per input signature (sample.generate uses it: a sampling loop has fixed shapes, and at batch 2 a GPU step is
+  short enough for the launches of its ~2,000 kernels to matter).
+On CUDA, in fp16/bf16 (autocast or half weights):
+- convolutions in channels_last (NHWC), cuDNN's tensor-core layout; frozen weights are laid out once, in place.
+- GroupNorm on NHWC maps without a round trip through NCHW (PyTorch's CUDA kernel takes NCHW only).
 """
 import os
+import warnings
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from itertools import islice
 
 import torch
 import torch.nn as nn
@@ -26,8 +47,23 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 import controlnet
+import model
 import reward
 import unet
+
+# INNERCONTROL_CHANNELS_LAST=0 / INNERCONTROL_CUDA_GRAPHS=0 turn those two CUDA paths off (for A/B measurements)
+CHANNELS_LAST = os.environ.get("INNERCONTROL_CHANNELS_LAST", "1") != "0"
+CUDA_GRAPHS = os.environ.get("INNERCONTROL_CUDA_GRAPHS", "1") != "0"
+
+
+def nhwc_dtype(x):
+    """The dtype an op on x computes in, if x is on CUDA and that dtype is fp16/bf16 (autocast's, else x's): where
+    the NHWC paths apply. None elsewhere."""
+    if not (CHANNELS_LAST and x.is_cuda):
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
 
 # -----------------------------------------------------------------------------
 # frozen convolutions: keep only the weight for the backward
@@ -69,10 +105,25 @@ def frozen_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def nhwc_weight(conv, weight, dtype):
+    """The conv's weight in `dtype` and channels_last. A frozen weight already in that dtype is laid out once, in
+    place (no optimizer state has to keep matching its layout); any other is cast per call, which is the one copy
+    autocast would make anyway."""
+    if weight is conv.weight and not weight.requires_grad and weight.dtype == dtype:
+        if not weight.is_contiguous(memory_format=torch.channels_last):
+            conv.weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+        return conv.weight
+    return weight.to(dtype, memory_format=torch.channels_last)
+
+
 class LeanConv2d(nn.Conv2d):
     def _conv_forward(self, x, weight, bias):
         if self.padding_mode != "zeros":
             return super()._conv_forward(x, weight, bias)
+        dtype = nhwc_dtype(x)
+        if dtype is not None:  # cuDNN's fp16/bf16 kernels work in NHWC: an NCHW conv pays two transposes
+            x, weight = x.to(dtype, memory_format=torch.channels_last), nhwc_weight(self, weight, dtype)
+            bias = None if bias is None else bias.to(dtype)
         return frozen_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -211,6 +262,19 @@ class FastAttention(unet.Attention):
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
+class TokenAttnBlock(model.AttnBlock):
+    """The VAE's single-head attention with q, k, v, proj_out as linear layers on the tokens. The plain block hands
+    scaled_dot_product_attention (B, 1, h*w, C) maps whose last dimension is strided, which its fused CUDA kernels
+    refuse (the math fallback materialises the (h*w)^2 scores); here it is contiguous."""
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # a view when the map is channels_last
+        q, k, v = (F.linear(h, p.weight.view(C, C), p.bias) for p in (self.q, self.k, self.v))
+        out = F.linear(F.scaled_dot_product_attention(q, k, v), self.proj_out.weight.view(C, C), self.proj_out.bias)
+        return x + out.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
 class ChannelsLastSequential(nn.Sequential):
     def forward(self, x):
         if x.device.type == "cpu":  # few channels on image-sized maps: oneDNN's NHWC kernels are faster there
@@ -219,10 +283,311 @@ class ChannelsLastSequential(nn.Sequential):
 
 
 # -----------------------------------------------------------------------------
+# GroupNorm (+ SiLU): keep only the norm's input; on CUDA in fp16/bf16, work on NHWC maps in place
+
+
+def per_channel(stat, channels):
+    """(N, G) group statistics -> (N, C, 1, 1), each group's value repeated over its channels."""
+    N, G = stat.shape
+    return stat[:, :, None].expand(N, G, channels // G).reshape(N, channels, 1, 1)
+
+
+def nhwc_group_stats(x, groups, eps):
+    """Mean and 1/std per (sample, group), in fp32, of a channels_last map: sums of x and x^2 over its (N, H*W, G,
+    C/G) view, which read the map where it lies (PyTorch's CUDA GroupNorm first copies it to NCHW), fp16/bf16 input
+    accumulated in fp32 as it is read. E[x^2] - E[x]^2 cancels ~1e-7 (mean / std)^2 of the variance away: nothing
+    at the offsets seen in SD's activations, 1e-3 at a mean 100 std from zero."""
+    N, C = x.shape[:2]
+    v = x.permute(0, 2, 3, 1).reshape(N, -1, groups, C // groups)
+    n = v.shape[1] * v.shape[3]
+    mean = v.sum((1, 3), dtype=torch.float32) / n
+    var = torch.linalg.vector_norm(v, 2, (1, 3), dtype=torch.float32).square() / n - mean.square()
+    return mean, (var.clamp_min(0) + eps).rsqrt()
+
+
+def affine(x, scale, shift, dtype):
+    """x * scale + shift, computed from the fp32 (N, C, 1, 1) coefficients and written in `dtype`, in x's layout:
+    one pass, with no fp16 rounding of the coefficients (for a mean far from zero, shift nearly cancels x * scale)."""
+    return torch.addcmul(shift, x, scale, out=torch.empty_like(x, dtype=dtype))
+
+
+def normalized(x, mean, rstd, weight, bias, dtype):
+    """(x - mean) * rstd * weight + bias in `dtype`."""
+    C = x.shape[1]
+    scale = per_channel(rstd, C) * weight.float().view(1, C, 1, 1)
+    return affine(x, scale, bias.float().view(1, C, 1, 1) - per_channel(mean, C) * scale, dtype)
+
+
+def norm_dtypes(x, nhwc):
+    """(compute dtype, output dtype) of a GroupNorm on x. CUDA autocast runs group_norm in fp32: the native path
+    does too; the NHWC path computes in fp16/bf16 from fp32 statistics. Under autocast the output is in autocast's
+    dtype, which the conv or linear layer after it would cast to anyway."""
+    autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+    out = torch.get_autocast_dtype("cuda") if autocast else None
+    compute = nhwc if nhwc else (torch.float32 if autocast else x.dtype)
+    return compute, out or compute
+
+
+class GroupNormActFn(torch.autograd.Function):
+    """GroupNorm, then SiLU if `act`, saving only the norm's input and its (N, G) statistics: the normalised map,
+    which autograd would keep for SiLU's backward, is recomputed from them in the backward (one multiply-add).
+    nhwc: the dtype of the channels_last path (nhwc_group_stats), or None for PyTorch's native kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, act, nhwc):
+        N, C = x.shape[:2]
+        compute, out_dtype = norm_dtypes(x, nhwc)
+        if nhwc:
+            mean, rstd = nhwc_group_stats(x, groups, eps)
+            y = normalized(x, mean, rstd, weight, bias, compute)
+        else:
+            w, b = (weight.to(compute), bias.to(compute)) if compute == torch.float32 else (weight, bias)
+            y, mean, rstd = torch.native_group_norm(x.to(compute), w, b, N, C, x[0, 0].numel(), groups, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.conf = (groups, act, nhwc, compute)
+        return (F.silu(y, inplace=True) if act else y).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        groups, act, nhwc, compute = ctx.conf
+        N, C = x.shape[:2]
+        grad = grad.to(compute)
+        if act:  # SiLU's backward needs the normalised map: recompute it
+            grad = torch.ops.aten.silu_backward(grad, normalized(x, mean, rstd, weight, bias, compute))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if not nhwc:
+            w = weight.to(compute) if compute == torch.float32 else weight
+            # both in one layout: given a channels_last grad and an NCHW x, the CPU kernel returns wrong values
+            # (torch 2.13; autograd's own GroupNorm backward makes them match first too)
+            gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+                grad.contiguous(), x.to(compute).contiguous(), mean, rstd, w, N, C, x[0, 0].numel(), groups,
+                [need_x, need_w, need_b])
+            return gx if gx is None else gx.to(x.dtype), gw, gb, None, None, None, None
+        # NHWC: with xhat = (x - mean) * rstd (O(1) values, so its products with the gradient stay in fp16 range),
+        # A = sum_hw grad and B = sum_hw grad * xhat per (n, c) give both parameter gradients, and the input's is
+        # rstd * (w * grad - mean_group(w * grad) - xhat * mean_group(w * grad * xhat)), Wu & He 2018's backward
+        r, w = per_channel(rstd, C), weight.float().view(1, C, 1, 1)
+        xhat = affine(x, r, -per_channel(mean, C) * r, compute)
+        A = grad.sum((2, 3), dtype=torch.float32)
+        B = (grad * xhat).sum((2, 3), dtype=torch.float32)
+        gx = None
+        if need_x:
+            M = x[0, 0].numel() * C // groups
+            s1, s2 = ((S * w.view(1, C)).view(N, groups, -1).sum(2) for S in (A, B))  # group sums of w*grad (*xhat)
+            gx = affine(xhat, per_channel(-rstd * s2 / M, C), per_channel(-rstd * s1 / M, C), compute)
+            gx = gx.addcmul_(grad, (r * w).to(compute)).to(x.dtype)
+        return gx, B.sum(0) if need_w else None, A.sum(0) if need_b else None, None, None, None, None
+
+
+def recompute_pays(x):
+    """Recomputing a cheap elementwise half in the backward instead of saving it: on CUDA, where those passes run at
+    memory bandwidth and the memory saved is what limits the batch. On the CPU they measured 5-30% slower."""
+    return x.is_cuda
+
+
+def group_norm_act(x, norm, act):
+    """norm(x), then SiLU if act: on NHWC maps in fp16/bf16 on CUDA without leaving NHWC, and when a gradient is
+    needed (on CUDA) without keeping the normalised map."""
+    nhwc = nhwc_dtype(x) if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
+    grad = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad)
+    if grad and ((act and recompute_pays(x)) or nhwc):
+        return GroupNormActFn.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, act, nhwc)
+    if nhwc:  # no gradient: the statistics and one pass
+        y = normalized(x, *nhwc_group_stats(x, norm.num_groups, norm.eps), norm.weight, norm.bias, nhwc)
+    else:
+        y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return F.silu(y, inplace=not grad) if act else y
+
+
+class FastGroupNorm(nn.GroupNorm):
+    def forward(self, x):
+        return group_norm_act(x, self, act=False) if self.affine else super().forward(x)
+
+
+class FastBitGroupNormAct(reward.GroupNormAct):
+    """DPT-Hybrid's GroupNorm + ReLU, its norm on NHWC maps too."""
+
+    def forward(self, x):
+        x = group_norm_act(x, self, act=False)
+        return F.relu(x) if self.act else x
+
+
+class NormActSequential(nn.Sequential):
+    """nn.Sequential(GroupNorm, SiLU, ...) with its first two layers run as one (ResBlock's in_layers, out_layers,
+    the UNet's output head)."""
+
+    def forward(self, x):
+        x = group_norm_act(x, self[0], act=True)
+        for layer in islice(self, 2, None):
+            x = layer(x)
+        return x
+
+
+class LeanResnetBlock(model.ResnetBlock):
+    def forward(self, x):
+        h = self.conv1(group_norm_act(x, self.norm1, act=True))
+        return self.nin_shortcut(x) + self.conv2(group_norm_act(h, self.norm2, act=True))
+
+
+# -----------------------------------------------------------------------------
+# GEGLU: recompute the gate's GELU in the backward
+
+class GEGLUFn(torch.autograd.Function):
+    """value * gelu(gate) of the projection's output h = [value, gate], saving only h: autograd would also keep
+    gelu(gate), half as large again. The backward recomputes it."""
+
+    @staticmethod
+    def forward(ctx, h):
+        value, gate = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return value * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, gate = ctx.saved_tensors[0].chunk(2, dim=-1)
+        return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * value, gate)], dim=-1)
+
+
+class LeanGEGLU(unet.GEGLU):
+    def forward(self, x):
+        h = self.proj(x)
+        if torch.is_grad_enabled() and h.requires_grad and recompute_pays(h):
+            return GEGLUFn.apply(h)
+        value, gate = h.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+# -----------------------------------------------------------------------------
+# CUDA graphs for the sampling loop
+
+
+class GraphState:
+    on = False  # set by cuda_graphs()
+
+
+def graphs_apply(x):
+    """Replay from a graph: inside cuda_graphs(), on CUDA, without gradients and without autocast (whose weight
+    casts a graph would freeze), and not while another capture runs."""
+    return (GraphState.on and CUDA_GRAPHS and x.is_cuda and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cuda") and not torch.cuda.is_current_stream_capturing())
+
+
+@contextmanager
+def cuda_graphs():
+    """Within this block, forward passes of the UNet and the ControlNet that graphs_apply() admits run from CUDA
+    graphs: the first call with an input signature runs eagerly (layouts settle, kernels get chosen), the second
+    records the graph, every later one copies its inputs in and replays it, one launch for the whole network."""
+    before, GraphState.on = GraphState.on, True
+    try:
+        yield
+    finally:
+        GraphState.on = before
+
+
+def capture_graph(run):
+    """Record run() into a CUDA graph after one warm-up on a side stream (as torch.cuda.graphs asks); returns the
+    replay function and run()'s output tensors, which each replay overwrites."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph.replay, out
+
+
+def clone_outputs(v):
+    """A copy of a graph's outputs (tensors in tuples, lists, named tuples), so the next replay cannot overwrite
+    what the caller holds."""
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, (tuple, list)):
+        items = [clone_outputs(i) for i in v]
+        return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+    return v
+
+
+class GraphedCalls:
+    """One module's graphs, keyed by input signature (at most `max_graphs`, least recently used dropped)."""
+    max_graphs = 4
+
+    def __init__(self):
+        self.graphs, self.seen, self.broken = OrderedDict(), set(), False
+
+    def __call__(self, fn, inputs, key):
+        """fn(*inputs): tensors and numbers (a timestep), the numbers being graph inputs too. key: whatever else
+        fn's result depends on."""
+        key = (key, torch.is_inference_mode_enabled(),
+               tuple((tuple(v.shape), v.dtype, v.device, v.stride()) if isinstance(v, torch.Tensor) else type(v)
+                     for v in inputs))
+        if self.broken or key not in self.seen:
+            self.seen.add(key)
+            return fn(*inputs)
+        if key not in self.graphs:
+            device = next(v.device for v in inputs if isinstance(v, torch.Tensor))
+            static = [v.clone() if isinstance(v, torch.Tensor) else torch.tensor(v, device=device) for v in inputs]
+            try:
+                replay, out = capture_graph(lambda: fn(*static))
+            except Exception as e:  # noqa: BLE001 (any failure to record leaves the eager path, which works)
+                warnings.warn(f"fused.py: CUDA graph capture failed, running eagerly ({type(e).__name__}: {e})")
+                self.broken = True
+                return fn(*inputs)
+            self.graphs[key] = (static, replay, out)
+            if len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        static, replay, out = self.graphs[key]
+        for s, v in zip(static, inputs):
+            if isinstance(v, torch.Tensor):
+                s.copy_(v)
+            else:
+                s.fill_(v)
+        replay()
+        return clone_outputs(out)
+
+
+GRAPHS = weakref.WeakKeyDictionary()  # module -> GraphedCalls; outside the module, so deepcopy and pickling skip it
+
+
+def graphed(module, fn, inputs, key):
+    return GRAPHS.setdefault(module, GraphedCalls())(fn, inputs, key)
+
+
+class GraphedUNet(unet.UNet):
+    def forward(self, x, t, context, control=None, return_features=False):
+        if not graphs_apply(x):
+            return super().forward(x, t, context, control, return_features)
+
+        def run(x, t, context, *control):  # every tensor (and the timestep) an input of the graph
+            return unet.UNet.forward(self, x, t, context, list(control) or None, return_features)
+        return graphed(self, run, [x, t, context, *(control or [])], (return_features,))
+
+
+class GraphedControlNet(controlnet.ControlNet):
+    def forward(self, x, t, context, hint, scale=1.0):
+        if not graphs_apply(x):
+            return super().forward(x, t, context, hint, scale)
+
+        def run(x, t, context, hint):
+            return controlnet.ControlNet.forward(self, x, t, context, hint, scale)
+        return graphed(self, run, [x, t, context, hint], (scale,))
+
+
+# -----------------------------------------------------------------------------
 # the switch
 
 SWAPS = {nn.Conv2d: FastConv2d, reward.StdConv2d: LeanStdConv2d, unet.Upsample: FastUpsample,
-         unet.SpatialTransformer: TokenSpatialTransformer, unet.Attention: FastAttention}
+         unet.SpatialTransformer: TokenSpatialTransformer, unet.Attention: FastAttention, unet.GEGLU: LeanGEGLU,
+         nn.GroupNorm: FastGroupNorm, reward.GroupNormAct: FastBitGroupNormAct, model.ResnetBlock: LeanResnetBlock,
+         model.AttnBlock: TokenAttnBlock, unet.UNet: GraphedUNet, controlnet.ControlNet: GraphedControlNet}
+
+
+def norm_then_silu(m):
+    """nn.Sequential(GroupNorm, SiLU, ...), the norm with its affine parameters."""
+    return type(m) is nn.Sequential and len(m) >= 2 and type(m[0]) is nn.GroupNorm and m[0].affine \
+        and type(m[1]) is nn.SiLU
 
 
 def install(*modules):
@@ -234,8 +599,10 @@ def install(*modules):
         if module is None:
             continue
         for m in module.modules():
+            if isinstance(m, controlnet.ControlNet) and type(m.input_hint_block) is nn.Sequential:
+                m.input_hint_block.__class__ = ChannelsLastSequential
+            if norm_then_silu(m):
+                m.__class__ = NormActSequential
             if type(m) in SWAPS:
                 m.__class__ = SWAPS[type(m)]
-            if type(m) is controlnet.ControlNet and type(m.input_hint_block) is nn.Sequential:
-                m.input_hint_block.__class__ = ChannelsLastSequential
     return modules[0] if modules else None

@@ -218,8 +218,9 @@ def generate(sd, prompt, control=None, controlnet=None, negative_prompt="", step
     # the reference pipelines' seed convention: fp32 CPU noise, then the device and dtype
     shape = (len(prompts), sd.unet.config.in_channels, height // f, width // f)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-    z = SAMPLERS[sampler][0](eps_fn, noise.to(device=device, dtype=dtype).float(), sd.schedule.alphas_cumprod,
-                             steps, progress=progress)  # the initial sigma is 1 for every sampler here
+    with fused.cuda_graphs():  # on CUDA the steps replay a recorded graph of each network (fused.py)
+        z = SAMPLERS[sampler][0](eps_fn, noise.to(device=device, dtype=dtype).float(), sd.schedule.alphas_cumprod,
+                                 steps, progress=progress)  # the initial sigma is 1 for every sampler here
     return to_pil((sd.vae.decode_latents(z.to(dtype)).float() / 2 + 0.5).clamp(0, 1))
 
 
@@ -393,7 +394,7 @@ def load_models(args, dtype, device):
         if (probe.cfg.feature_channels, probe.cfg.time_dim) != (want.feature_channels, want.time_dim):
             raise CLIError(f"--probe {args.probe}: reads decoder features of widths {probe.cfg.feature_channels}, "
                            f"this UNet has {want.feature_channels}; use a probe trained on this base model")
-    fused.install(sd, cn)  # faster layers, same function (fused.py)
+    fused.install(sd.requires_grad_(False), cn.requires_grad_(False))  # sampling trains nothing; fused.py's layers
     return sd, cn, probe, weights, cn_path
 
 

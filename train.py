@@ -227,7 +227,7 @@ class Models:
             controlnet.requires_grad_(False).eval()
             probe.to(self.device, torch.float32).train()
         if args.grad_checkpointing:
-            controlnet.grad_checkpointing = sd.unet.grad_checkpointing = True
+            controlnet.grad_checkpointing = sd.unet.grad_checkpointing = sd.vae.decoder.grad_checkpointing = True
 
     def autocast(self):
         if self.compute_dtype == torch.float32:

@@ -2,6 +2,7 @@
 them in without touching parameters or keys."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 import controlnet
 import fused
+import model
 import unet
 from util import max_rel_err, randomize_
 
@@ -187,3 +189,291 @@ def test_install_keeps_parameters_and_keys(monkeypatch):
     monkeypatch.setenv("INNERCONTROL_PLAIN", "1")
     fused.install(plain)
     assert type(plain.input_blocks[0][0]) is nn.Conv2d
+
+
+# -- memory-lean paths on any device -------------------------------------------------------------------
+
+def saved_storage_bytes(fn, module=None):
+    """Bytes of the distinct storages autograd keeps for the backward while fn() runs (views of one tensor count
+    once; `module`'s weights not at all), and fn()'s result."""
+    seen, weights = {}, {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_frozen_linear_keeps_only_the_weight():
+    """No lean path is needed for linear layers: autograd itself keeps only the weight when the weight is frozen
+    (its codegen saves what the gradients asked for need), on any device."""
+    lin = nn.Linear(16, 32).requires_grad_(False)
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    n, _ = saved_storage_bytes(lambda: lin(x), lin)
+    assert n == 0
+    lin.requires_grad_(True)
+    assert saved_storage_bytes(lambda: lin(x), lin)[0] >= x.numel() * 4
+
+
+@pytest.fixture
+def recompute(monkeypatch):
+    """The recomputing paths switched on here, as on CUDA."""
+    monkeypatch.setattr(fused, "recompute_pays", lambda x: True)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_group_norm_silu_sequential(trainable, recompute):
+    """ResBlock's in_layers (GroupNorm, SiLU, conv) with the norm and SiLU as one function (on CUDA): same values
+    and gradients, and the normalised map is no longer kept (only the norm's input)."""
+    seq = randomize_(nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(16, 8, 3, padding=1)))
+    seq.requires_grad_(trainable)
+    fast = swapped(seq)
+    assert type(fast) is fused.NormActSequential and type(fast[0]) is fused.FastGroupNorm
+    x = torch.randn(2, 16, 9, 7)
+    same_function(fast, seq, x)
+    if not trainable:
+        n = [saved_storage_bytes(lambda: m(x.clone().requires_grad_()), seq)[0] for m in (seq, fast)]
+        assert n[1] <= n[0] - 2 * x.numel() * 4  # the norm's output and the conv's input, both x-sized
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), seq(x), rtol=1e-5, atol=1e-6)
+
+
+def test_group_norm_silu_under_bf16_autocast(recompute):
+    seq = randomize_(nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 8, 3, padding=1)))
+    fast = swapped(seq)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = fast(x), seq(x)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(y.float().square().sum(), [x, fast[0].weight])
+    gx_ref, gw_ref = torch.autograd.grad(ref.float().square().sum(), [x, seq[0].weight])
+    assert gw.dtype == torch.float32
+    for g, g_ref in ((y, ref), (gx, gx_ref), (gw, gw_ref)):
+        assert (g.float() - g_ref.float()).norm() <= 0.02 * g_ref.float().norm()
+
+
+@pytest.mark.parametrize("act", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_nhwc_group_norm(act, dtype, tol):
+    """The CUDA NHWC GroupNorm (statistics from sums over the channels_last view, the backward of Wu & He 2018 in
+    closed form), run here on the CPU: the same values and gradients as F.group_norm (+ SiLU) in float64."""
+    g = torch.Generator().manual_seed(0)
+    C, G = 32, 8
+    w, b = 1 + 0.3 * torch.randn(C, generator=g), 0.2 * torch.randn(C, generator=g)
+    x0 = (3 + 2 * torch.randn(2, C, 6, 5, generator=g)).to(dtype).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(x0.shape, generator=g)
+    outs = []
+    for nhwc in (dtype, None):
+        x, wt, bt = (v.detach().clone().requires_grad_() for v in (x0, w, b))
+        if nhwc is None:  # the reference, in float64
+            y = F.group_norm(x.double(), G, wt.double(), bt.double(), 1e-5)
+            y = F.silu(y) if act else y
+        else:
+            y = fused.GroupNormActFn.apply(x, wt, bt, G, 1e-5, act, nhwc)
+            assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+        outs.append((y, *torch.autograd.grad((y * gy.to(y.dtype)).sum(), [x, wt, bt])))
+    for ours, ref in zip(*outs):
+        assert (ours.double() - ref.double()).norm() <= tol * ref.double().norm()
+
+
+@pytest.mark.parametrize("offset,tol", [(10, 2e-3), (100, 6e-3)])
+def test_nhwc_group_norm_without_grad_and_large_offsets(offset, tol, monkeypatch):
+    """The inference path (no autograd function), on maps whose mean is `offset` std away from zero. The statistics
+    are sums of x and x^2 accumulated in fp32 as the fp16/bf16 input is read (as NVIDIA's NHWC GroupNorm kernels
+    do); their cancellation costs ~1e-7 (mean / std)^2 of the variance: nothing at 10, 1e-3 at 100."""
+    monkeypatch.setattr(fused, "nhwc_dtype", lambda x: x.dtype)  # as on CUDA in low precision
+    norm = randomize_(nn.GroupNorm(4, 16))
+    fast = swapped(norm)
+    x = (offset + torch.randn(2, 16, 8, 8)).contiguous(memory_format=torch.channels_last)
+    w, b = norm.weight.double(), norm.bias.double()
+    with torch.no_grad():
+        for dtype, rounding in ((torch.float32, 0), (torch.float16, 2 ** -10), (torch.bfloat16, 2 ** -7)):
+            y = fast(x.to(dtype))
+            assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+            ref = F.group_norm(x.to(dtype).double(), 4, w, b, norm.eps)  # the norm of the very input it got
+            assert (y.double() - ref).abs().max() <= (tol + rounding) * ref.abs().max()
+
+
+def test_lean_resnet_block(recompute):
+    block = randomize_(model.ResnetBlock(16, 32, 8)).requires_grad_(False)
+    fast = swapped(block)
+    assert type(fast) is fused.LeanResnetBlock
+    same_function(fast, block, torch.randn(2, 16, 8, 6))
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_geglu_recomputes_the_gate(trainable, recompute):
+    ff = randomize_(unet.GEGLU(16, 64)).requires_grad_(trainable)
+    fast = swapped(ff)
+    assert type(fast) is fused.LeanGEGLU
+    x = torch.randn(2, 10, 16)
+    same_function(fast, ff, x)
+    n = [saved_storage_bytes(lambda: m(x.clone().requires_grad_()), ff)[0] for m in (ff, fast)]
+    assert n[1] <= n[0] - 2 * 10 * 64 * 4  # gelu(gate) no longer kept
+
+
+def test_vae_attention_as_tokens(monkeypatch):
+    """The VAE's attention block with linear projections on the tokens: the same function, and the attention kernel
+    gets q, k, v with a contiguous last dimension (what the fused CUDA kernels need) instead of strided ones."""
+    block = randomize_(model.AttnBlock(32, 8))
+    fast = swapped(block)
+    assert type(fast) is fused.TokenAttnBlock
+    same_function(fast, block, torch.randn(2, 32, 5, 6))
+    strides, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: strides.append(q.stride(-1)) or sdpa(q, k, v))
+    for m in (block, fast):
+        m(torch.randn(2, 32, 5, 6))
+    assert strides == [30, 1]
+
+
+def test_unet_attention_hands_sdpa_views_of_the_projections(monkeypatch):
+    """Off the CPU the UNet's attention is the plain layer's: heads as (B, heads, tokens, C / heads) views of the
+    (B, tokens, C) projections, last dimension contiguous, no copy: the layout the flash and memory-efficient
+    kernels read as it is."""
+    attn = randomize_(unet.Attention(64, 4, 24))
+    x, ctx = torch.randn(2, 30, 64), torch.randn(2, 7, 24)
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a: seen.append(a) or sdpa(*a))
+    unet.Attention.forward(attn, x, ctx)  # what FastAttention runs on CUDA
+    for t, n in zip(seen[0], (30, 7, 7)):
+        assert t.shape == (2, 4, n, 16) and t.stride() == (n * 64, 16, 64, 1) and t._base is not None
+
+
+# -- the CUDA layout policy, run on the CPU ---------------------------------------------------------------
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_channels_last_conv(trainable, monkeypatch):
+    """On CUDA in fp16/bf16 convs run in NHWC: a frozen weight is laid out once, in place (the same Parameter), a
+    trainable one is cast per call and keeps its layout (its optimizer state must keep matching it)."""
+    monkeypatch.setattr(fused, "nhwc_dtype", lambda x: torch.float32)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(trainable)
+    fast = swapped(conv)
+    param = fast.weight
+    x = torch.randn(2, 8, 7, 9)
+    same_function(fast, conv, x)
+    assert fast.weight is param and fast.weight.is_contiguous(memory_format=torch.channels_last) != trainable
+    assert fast(x).is_contiguous(memory_format=torch.channels_last)
+
+
+NHWC = unet.UNetConfig(model_channels=32, context_dim=32)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_unet_and_vae_under_the_cuda_layout_policy(frozen, monkeypatch, recompute):
+    """The UNet, a ControlNet and the VAE decoder with the CUDA paths switched on here (NHWC convs and norms, in
+    fp32 so that the comparison is tight): the same function as the plain networks, forward and gradient."""
+    monkeypatch.setattr(fused, "nhwc_dtype", lambda x: torch.float32)
+    g = torch.Generator().manual_seed(0)
+    net = randomize_(unet.UNet(NHWC)).requires_grad_(not frozen)
+    cn = randomize_(controlnet.ControlNet(NHWC), 1)
+    x, ctx, hint = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g), torch.rand(2, 3, 64, 64)
+    fast, fast_cn = swapped(net), swapped(cn)
+    same_function(lambda x, c: fast(x, torch.tensor([5, 900]), c, fast_cn(x, 3, c, hint), return_features=True),
+                  lambda x, c: net(x, torch.tensor([5, 900]), c, cn(x, 3, c, hint), return_features=True), x, ctx,
+                  rtol=1e-4, grad_rtol=1e-3)
+    vae = randomize_(model.VAE(model.VAEConfig(ch=32, num_res_blocks=1)), 2).requires_grad_(not frozen)
+    fast_vae = swapped(vae)
+    same_function(fast_vae.decode, vae.decode, torch.randn(1, 4, 8, 8, generator=g), rtol=1e-4, grad_rtol=1e-3)
+
+
+def test_unet_under_the_cuda_layout_policy_in_bf16(monkeypatch, recompute):
+    """The same in bf16 autocast, the precision the policy is for: close to the plain bf16 network's output."""
+    monkeypatch.setattr(fused, "nhwc_dtype", lambda x: torch.bfloat16)
+    net = randomize_(unet.UNet(NHWC)).requires_grad_(False)
+    fast = swapped(net)
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = fast(x, 500, ctx), net(x, 500, ctx)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.float() - ref.float()).norm() <= 0.03 * ref.float().norm()
+
+
+def test_group_norm_silu_with_a_channels_last_gradient(recompute):
+    """An NCHW map whose gradient arrives channels_last (a cuDNN conv's, on CUDA): the native kernels' backward
+    needs both in one layout."""
+    seq = randomize_(nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU()))
+    fast = swapped(seq)
+    x, g = torch.randn(2, 16, 6, 6), torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    grads = [torch.autograd.grad(m(xi), [xi, m[0].weight], g)
+             for m, xi in ((fast, x.clone().requires_grad_()), (seq, x.clone().requires_grad_()))]
+    for a, b in zip(*grads):
+        assert max_rel_err(a, b) < 1e-5
+
+
+def test_recomputing_paths_are_cuda_only():
+    """On the CPU, GroupNorm + SiLU and GEGLU keep autograd's own backward (the recomputation measured slower)."""
+    seq, ff = swapped(nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU())), swapped(unet.GEGLU(16, 32))
+    x = torch.randn(2, 16, 4, 4, requires_grad=True)
+    assert "GroupNormActFn" not in type(seq(x).grad_fn).__name__
+    assert "GEGLUFn" not in type(ff(torch.randn(2, 3, 16, requires_grad=True)).grad_fn).__name__
+
+
+# -- CUDA graphs, their bookkeeping run on the CPU ----------------------------------------------------------
+
+def copy_into(dst, src):
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            copy_into(d, s)
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """fused.py's graph bookkeeping with the CPU standing in for CUDA: a 'graph' replays by rerunning the recorded
+    function into the same output tensors, as a CUDA graph overwrites its static outputs."""
+    captures = []
+
+    def capture(run):
+        out = run()
+        captures.append(out)
+        return (lambda: copy_into(out, run())), out
+    monkeypatch.setattr(fused, "capture_graph", capture)
+    monkeypatch.setattr(fused, "graphs_apply", lambda x: fused.GraphState.on and not torch.is_grad_enabled())
+    return captures
+
+
+def test_graphed_calls_copy_inputs_in_and_results_out(cpu_graphs):
+    calls = fused.GraphedCalls()
+    fn = lambda x, t: (x * t + 1, [x.sum() * t])  # noqa: E731
+    x = torch.randn(3, 4)
+    results = [calls(fn, [x + i, i], key=None) for i in range(4)]  # eager, recorded, replayed twice
+    assert len(cpu_graphs) == 1
+    for i, (y, (s,)) in enumerate(results):  # each result its own copy, with the timestep filled in each time
+        torch.testing.assert_close(y, (x + i) * i + 1)
+        torch.testing.assert_close(s, (x + i).sum() * i)
+    calls(fn, [x[:2], 1.5], key=None)  # another signature: eager first, no new graph yet
+    assert len(cpu_graphs) == 1
+
+
+def test_graph_capture_failure_falls_back_to_eager(monkeypatch):
+    def broken(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(fused, "capture_graph", broken)
+    calls, x = fused.GraphedCalls(), torch.randn(3)
+    calls(torch.sin, [x], key=None)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        torch.testing.assert_close(calls(torch.sin, [x], key=None), torch.sin(x))
+    torch.testing.assert_close(calls(torch.sin, [x], key=None), torch.sin(x))  # and stays eager
+
+
+def test_sampling_with_graphs_gives_the_same_image(cpu_graphs):
+    """sample.generate inside cuda_graphs(): the ControlNet and the UNet are recorded once each (at their second
+    step) and replayed; the image is the eager one's, with and without a callback reading decoder features."""
+    import sample
+    sd = model.StableDiffusion(model.tiny(), model.Tokenizer.word_level(["a", "red", "ball"]))
+    randomize_(sd, 0)
+    net = randomize_(controlnet.ControlNet(sd.unet.config), 1)
+    cond = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = sample.generate(sd, "a red ball", cond, net, steps=4, seed=1)
+    fused.install(sd, net)
+    readings = []
+    graphed = sample.generate(sd, "a red ball", cond, net, steps=4, seed=1,
+                              callback=lambda i, t, x, f: readings.append(f.maps[0]))
+    assert len(cpu_graphs) == 2 and len({r.data_ptr() for r in readings}) == 4  # features copied out, not aliased
+    assert np.array_equal(np.asarray(graphed[0]), np.asarray(plain[0]))

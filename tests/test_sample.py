@@ -163,13 +163,16 @@ def control_image(size=SIZE):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, one_thread):
+    return make_world(tmp_path_factory.mktemp("sample"))
+
+
+def make_world(d):
     """A tiny random SD1.x + ControlNet as a diffusers pipeline folder, the same weights as an original
     single file and an lllyasviel-layout ControlNet, a control map, and the reference pipeline."""
     from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    d = tmp_path_factory.mktemp("sample")
     cfg = model.tiny()
     # 64-wide heads, as CLIP has them: a single file without metadata gives the head count no other way
     cfg.text = dataclasses.replace(cfg.text, heads=cfg.text.width // 64)

@@ -27,8 +27,11 @@ TINY_DPT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, inte
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def make_world(root):
     """A tiny random SD1.x, probe and DPT on disk, and 16 rendered 64 px scenes."""
-    root = tmp_path_factory.mktemp("world")
     torch.manual_seed(0)
     sd = model.StableDiffusion(model.tiny(), model.Tokenizer.from_bpe_gz())
     randomize_(sd.vae, 1)
@@ -370,3 +373,48 @@ def test_probe_starts_in_tanh_linear_range():
     assert y.abs().max() < 0.1
     y.square().sum().backward()
     assert probe.blocks[0].conv1.weight.grad.abs().max() > 0  # the gradient gets through the head
+
+
+def test_fp16_overflow_step_is_skipped_and_the_scaler_backs_off(world):
+    """--mixed-precision fp16 (here on the CPU, which has fp16 autocast and GradScaler too; test_cuda.py runs the
+    same on a GPU): a step whose forward overflows fp16 is skipped on the device (no parameter, optimizer step
+    count or EMA moves) and the loss scale halves; the next finite step trains at the new scale."""
+    check_fp16_overflow_step(world, "cpu")
+
+
+def check_fp16_overflow_step(world, device):
+    args, models = make_models(world, "--method", "innercontrol", "--mixed-precision", "fp16", "--ema",
+                               "--device", device)
+    module = models.trainable()
+    opt, sched = train.make_optimizer(args, module)
+    scaler = torch.amp.GradScaler(device, enabled=True)
+    ema = copy.deepcopy(module).requires_grad_(False)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    t, n = torch.tensor([100, 300, 600, 900]), torch.randn(4, 4, 8, 8, device=device)
+
+    def step(i, streak):
+        counts = train.eligible_counts(args, t)
+        losses = train.training_step(models, fake_batch(), t, n, torch.zeros_like(n), args, counts)
+        loss = sum(losses.values())
+        scaler.scale(loss).backward()
+        return loss, train.optimizer_step(args, module, opt, sched, scaler, ema, loss.detach(), streak, i)[1]
+
+    # an activation of the frozen UNet past fp16's range (65504): inf, then NaN downstream
+    hook = models.sd.unet.middle_block.register_forward_hook(lambda m, inputs, out: (out[0] * 1e5, out[1]))
+    loss, streak = step(0, torch.zeros((), device=device))
+    hook.remove()
+    assert not torch.isfinite(loss) and streak.item() == 1 and scaler.get_scale() == 2.0 ** 15
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]) and torch.equal(ema.state_dict()[k], before[k])
+    assert all(s["step"].item() == 0 for s in opt.state.values())
+    loss, streak = step(1, streak)
+    assert torch.isfinite(loss) and streak.item() == 0 and scaler.get_scale() == 2.0 ** 15
+    assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_grad_checkpointing_covers_the_reward_decode(world):
+    """--grad-checkpointing recomputes the ControlNet's, the UNet's and the VAE decoder's activations (the reward
+    loss back-propagates through a 512 px decode)."""
+    _, models = make_models(world, "--grad-checkpointing")
+    assert models.controlnet.grad_checkpointing and models.sd.unet.grad_checkpointing
+    assert models.sd.vae.decoder.grad_checkpointing

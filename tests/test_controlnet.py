@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import controlnet as cn
 import formats
+import fused
 import model
 import sample
 import unet
@@ -70,9 +71,11 @@ def test_parity_at_a_size_the_downsampling_does_not_divide():
 
 
 @pytest.mark.slow
-def test_parity_sd15():
+@pytest.mark.parametrize("fast", [False, True])
+def test_parity_sd15(fast):
     net = randomize_(cn.ControlNet(unet.UNetConfig()), 0).eval()
-    err = residual_error(net, reference(net), 512, batch=1)
+    ref = reference(net)
+    err = residual_error(fused.install(net) if fast else net, ref, 512, batch=1)
     print(f"controlnet parity sd15: {err:.2e}")
     assert err <= TOL
 

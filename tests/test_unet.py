@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import load as st_load, save as st_save
 
 import formats
+import fused
 import unet as U
 from util import max_rel_err, randomize_
 
@@ -41,9 +42,11 @@ def random_control(ours, x, t, ctx, seed=1):
     return [torch.randn(s, generator=g) for s in shapes]
 
 
-def check_parity(cfg, size, control):
+def check_parity(cfg, size, control, fast=False):
     ours = randomize_(U.UNet(cfg)).eval()
     ref = reference(ours, cfg)
+    if fast:  # the layers fused.py swaps in (GEMM convs, upsample phases, token transformers) at the real widths
+        fused.install(ours)
     x, t, ctx = inputs(cfg, size)
     with torch.no_grad():
         res = random_control(ours, x, t, ctx) if control else None
@@ -88,8 +91,9 @@ def test_parity_at_sizes_the_downsampling_does_not_divide(cfg, size):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("control", [False, True])
-def test_parity_sd15(control):
-    check_parity(U.UNetConfig(), 64, control)
+@pytest.mark.parametrize("fast", [False, True])
+def test_parity_sd15(control, fast):
+    check_parity(U.UNetConfig(), 64, control, fast)
 
 
 def test_state_dict_uses_checkpoint_names():

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
@@ -367,15 +368,32 @@ def stage_vae(root, P, cfg, control, images, objects):
 
         loss, step_time = fit(d, [vae], loss_fn, P["vae_steps"], P["vae_lr"], P["save_every"], desc="vae",
                               cosine=True)
-        vae.eval()
-        with torch.no_grad():  # LDM sec. 4.3.2: scale the latents to unit variance
-            std = vae.encode(images[:256].to(dev))[0].std().item()
-        mark_done(d, settings(P, control, "vae"), scaling_factor=1.0 / std, loss=loss, step_time=step_time,
-                  seconds=time.perf_counter() - t0)
+        with torch.no_grad():
+            means = torch.cat([vae.eval().encode(images[i:i + 256].to(dev))[0] for i in range(0, len(images), 256)])
+        normalize_latents_(vae, means.mean((0, 2, 3)), means.std((0, 2, 3)))
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(d, "vae.safetensors"))
+        mark_done(d, settings(P, control, "vae"), loss=loss, step_time=step_time, seconds=time.perf_counter() - t0,
+                  latent_mean=means.mean((0, 2, 3)).tolist(), latent_std=means.std((0, 2, 3)).tolist())
     else:
-        vae.load_state_dict(train.load_checkpoint(os.path.join(d, "checkpoint.pt"), dev)["modules"][0])
-    cfg.vae.scaling_factor = vae.cfg.scaling_factor = done_info(d)["scaling_factor"]
+        vae.load_state_dict(formats.load_state_dict(os.path.join(d, "vae.safetensors")))
+    cfg.vae.scaling_factor = vae.cfg.scaling_factor = 1.0  # normalize_latents_ did the scaling
     return vae.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def normalize_latents_(vae, mean, std):
+    """Fold a per-channel normalisation of the latents, (z - mean) / std, into the VAE's 1x1 quant_conv (the
+    posterior's mean and log-variance) and post_quant_conv (its inverse), in place: the same architecture and file
+    layout, with latents of zero mean and unit variance per channel. SD1.5 needs only its one global scale
+    (scaling_factor); this small VAE's channels sit up to 3 stds off zero with half the others' spread, and the
+    noise schedule then destroys those channels' content long before the rest (README)."""
+    z = len(mean)
+    q, p = vae.quant_conv, vae.post_quant_conv
+    q.weight[:z] /= std[:, None, None, None]
+    q.bias[:z] = (q.bias[:z] - mean) / std
+    q.bias[z:] -= 2 * std.log()  # the log-variance of (z - mean) / std
+    p.bias += p.weight[:, :, 0, 0] @ mean
+    p.weight *= std[None, :, None, None]
 
 
 def stage_base(root, P, cfg, control, tokenizer, vae, images, texts):

@@ -165,7 +165,8 @@ def training_step(models, batch, t, noise, latent_noise, args, counts):
             if need_features else (sd.unet(x_t, t_dev, context, control=residuals), None)
 
     if args.stage == "probe":  # the probe learns to read the control map from noisy features, at every t
-        pred01 = probe_output01(models.probe(features).float(), size=control.shape[-2:])
+        with models.autocast():  # the frozen UNet's features come in the compute dtype, the probe trains in fp32
+            pred01 = probe_output01(models.probe(features).float(), size=control.shape[-2:])
         return {"probe": masked_mean(per_sample_mse(pred01, control), counts["all"])}
 
     losses = {"diffusion": masked_mean(per_sample_mse(eps_hat, noise), counts["all"])}
@@ -512,6 +513,9 @@ def setup_distributed():
 
 def finish(args, models):
     """The final artefact beside the checkpoint: the ControlNet (EMA if kept) or the probe, as safetensors."""
+    if not os.path.exists(os.path.join(args.out, "checkpoint.pt")):  # a checkpoint is never written mid-streak
+        raise RuntimeError("stopping: every step so far was skipped (a non-finite loss or gradient; with fp16 the "
+                           "first steps are, while the loss scale settles): nothing to save; run more steps")
     ck = load_checkpoint(os.path.join(args.out, "checkpoint.pt"), "cpu")
     net = unwrap(models.probe if args.stage == "probe" else models.controlnet)
     net.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["trainable"])
@@ -544,12 +548,12 @@ def main(argv=None):
         sys.exit(f"train.py: error: {' '.join(str(e).split())}")
     try:
         train(args, models, dataset, rank, world_size)
+        if rank == 0:
+            print(f"saved {finish(args, models)}")
     except RuntimeError as e:
         if str(e).startswith("stopping:"):
             sys.exit(f"train.py: error: {e}")
         raise
-    if rank == 0:
-        print(f"saved {finish(args, models)}")
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

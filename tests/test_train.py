@@ -1,6 +1,7 @@
 """train.py: the loss math, the probe's wiring, gradients, resume, bad data, NaN handling, DDP."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -358,6 +359,20 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     for ra, rb in zip(a, b):
         for k in ("loss_diffusion", "loss_reward", "loss_align"):
             assert abs(ra[k] - rb[k]) <= 1e-5, (k, ra[k], rb[k])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_probe_and_innercontrol_steps(world, tmp_path, precision):
+    """The frozen networks in half precision, the trainable probe / ControlNet in fp32 under autocast (fp16 with a
+    GradScaler), on the CPU: both stages run, and what they save loads."""
+    from formats import load_controlnet, load_probe
+    run_main(base_argv(world, tmp_path / "p", "--stage", "probe", "--max-steps", "6", "--mixed-precision", precision))
+    assert load_probe(str(tmp_path / "p" / "probe.safetensors")).cfg.out_channels == 3
+    run_main(base_argv(world, tmp_path / "f", "--method", "innercontrol", "--max-steps", "6", "--mixed-precision",
+                       precision, "--probe", str(tmp_path / "p" / "probe.safetensors")))
+    assert load_controlnet(str(tmp_path / "f" / "controlnet.safetensors")) is not None
+    log = read_log(tmp_path / "f")
+    assert math.isfinite(log[-1]["loss_diffusion"]) and log[-1]["skipped_steps"] < 6
 
 
 def test_probe_starts_in_tanh_linear_range():

@@ -222,12 +222,6 @@ def collate(samples, resolution):
 # the loader: order = f(seed, epoch), sharded over ranks, resumable at any step
 
 
-def batches_per_epoch(n, batch_size, world_size=1, drop_last=True):
-    """Global batches (batch_size * world_size samples each) in one pass over n samples."""
-    g = batch_size * world_size
-    return n // g if drop_last else -(-n // g)
-
-
 class ShardedBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's share of each global batch, as (index, epoch, seed) keys.
 
@@ -242,7 +236,8 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
         self.start_step, self.epochs, self.shuffle = start_step, epochs, shuffle
-        self.per_epoch = batches_per_epoch(n, batch_size, world_size, drop_last)
+        g = batch_size * world_size  # global batches in one pass over the n samples
+        self.per_epoch = n // g if drop_last else -(-n // g)
         if self.per_epoch == 0:
             raise DataError(f"{n} samples make no full global batch of {batch_size} x {world_size}; "
                             "use a smaller batch or drop_last=False")

@@ -10,6 +10,7 @@ Built from the published architectures, in plain PyTorch:
 The UNet is in unet.py; reading and writing checkpoint files is formats.py's job (`formats.load_sd`).
 """
 import gzip
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,8 +257,8 @@ class Downsample(nn.Module):
 
 
 def middle(c, groups):
-    return nn.ModuleDict(dict(block_1=ResnetBlock(c, c, groups), attn_1=AttnBlock(c, groups),
-                              block_2=ResnetBlock(c, c, groups)))
+    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c, groups), attn_1=AttnBlock(c, groups),
+                                     block_2=ResnetBlock(c, c, groups)))
 
 
 class Encoder(nn.Module):
@@ -284,7 +285,7 @@ class Encoder(nn.Module):
                 h = block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -317,7 +318,7 @@ class Decoder(nn.Module):
 
     def forward(self, z):
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         for level in reversed(self.up):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(self.run_level, level, h, use_reentrant=False)

@@ -432,6 +432,8 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
     progress = Progress(args, models, step, rank, W, skipped)
     bad_streak = torch.zeros((), device=models.device)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    save = lambda: save_checkpoint(ckpt_path, checkpoint_state(module, ema, opt, sched, scaler, step,  # noqa: E731
+                                                               progress.skipped_data))
     try:
         while step < args.max_steps:
             t_all = draw_timesteps(args, step, B * W * A)  # the whole optimizer batch's timesteps
@@ -458,13 +460,12 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
             progress.step(step, grad_norm, bad_streak, sched.get_last_lr()[0])
             # checkpoint (never during a streak of skipped steps: the last good checkpoint stays the last one)
             if (step % args.save_every == 0 or step == args.max_steps) and rank == 0 and bad_streak.item() == 0:
-                save_checkpoint(ckpt_path, checkpoint_state(module, ema, opt, sched, scaler, step,
-                                                            progress.skipped_data))
+                save()
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 write_sample_grid(args, models, dataset, step, ema)
     except KeyboardInterrupt:
         if rank == 0 and step > 0:
-            save_checkpoint(ckpt_path, checkpoint_state(module, ema, opt, sched, scaler, step, progress.skipped_data))
+            save()
             log(f"\ninterrupted: saved step {step} to {ckpt_path}; run again (with --resume) to continue")
         raise
     finally:

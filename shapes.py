@@ -62,11 +62,11 @@ from probe import Probe, ProbeConfig, probe_output01
 PRESET = dict(
     size=64, n_train=1500, n_test=128, seeds=(0, 1, 2), device="cpu",
     vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0,
-    unet_ch=32, base_steps=600, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
+    unet_ch=32, unet_res_blocks=2, unet_heads=2, base_steps=600, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
-    controlnet_steps=800, controlnet_batch=16, controlnet_lr=1e-3,
+    controlnet_steps=800, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True,
     probe_steps=300, probe_batch=16, probe_lr=1e-3,
-    finetune_steps=200, finetune_batch=16, finetune_lr=2e-4, finetune_args=(),  # more train.py flags
+    finetune_steps=200, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
     eval_steps=10, guidance=5.0, eval_seed=0, save_every=100, log_every=10,
     workers=None,  # worker processes for the independent runs (None: one per core)
 )
@@ -121,11 +121,12 @@ def preset():
 STAGES = {  # stage: (the preset entries that change its result, the stages it reads)
     "data": (("size", "n_train", "n_test"), ()),
     "vae": (("vae_ch", "vae_mult", "vae_steps", "vae_batch", "vae_lr", "vae_object_weight"), ("data",)),
-    "base": (("unet_ch", "base_steps", "base_batch", "base_lr", "caption_dropout"), ("vae",)),
+    "base": (("unet_ch", "unet_res_blocks", "unet_heads", "base_steps", "base_batch", "base_lr", "caption_dropout"),
+             ("vae",)),
     "annotators": (("annotator_width", "annotator_steps", "annotator_batch", "annotator_lr"), ("data",)),
-    "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr"), ("base", "annotators")),
+    "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr", "controlnet_ema"), ("base", "annotators")),
     "probe": (("probe_steps", "probe_batch", "probe_lr"), ("controlnet",)),
-    "finetune": (("finetune_steps", "finetune_batch", "finetune_lr", "finetune_args"), ("probe",)),
+    "finetune": (("finetune_steps", "finetune_batch", "finetune_lr", "finetune_ema", "finetune_args"), ("probe",)),
     "eval": (("eval_steps", "guidance", "eval_seed", "seeds"), ("finetune",)),
 }
 
@@ -187,7 +188,10 @@ def shapes_config(P, vocab_size, max_len):
     text encoder sized for the caption vocabulary, a VAE of width vae_ch that halves the size len(vae_mult) - 1
     times (4x: 64 px -> 16x16)."""
     cfg = model.tiny()
-    cfg.unet.model_channels = P["unet_ch"]
+    # two heads, not SD's eight: at 32 channels eight heads are 4 wide, and attention over the 256 tokens of the
+    # 16x16 level costs a quarter of a step
+    cfg.unet.model_channels, cfg.unet.num_res_blocks, cfg.unet.num_heads = P["unet_ch"], P["unet_res_blocks"], \
+        P["unet_heads"]
     cfg.text = model.TextConfig(vocab_size=vocab_size, width=64, layers=2, heads=2, max_len=max_len, mlp_dim=128)
     ch = P["vae_ch"]
     cfg.vae = model.VAEConfig(ch=ch, ch_mult=P["vae_mult"], num_res_blocks=1, norm_groups=max(1, min(32, ch // 2)))
@@ -511,7 +515,7 @@ def stage_controlnet(root, P, sd, reward_model, train_dir, control):
         widths = HINT_BLOCK_CHANNELS[:2 * int(math.log2(sd.vae.cfg.factor)) + 1]
         _, seconds = run_train_stage(d, P, sd, ControlNet.from_unet(sd.unet, 3, widths), None, reward_model, train_dir,
                                      "controlnet", "finetune", control, P["controlnet_steps"], P["controlnet_batch"],
-                                     P["controlnet_lr"], 0)
+                                     P["controlnet_lr"], 0, ("--ema",) * P["controlnet_ema"])
         mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
     return os.path.join(d, "controlnet.safetensors")
 
@@ -546,7 +550,7 @@ def finetune_one(root, P, control, method, seed, sd=None, reward_model=None):
                                  load_controlnet(os.path.join(root, "controlnet", "controlnet.safetensors")),
                                  probe, reward_model, os.path.join(root, "data", "train"), method, "finetune", control,
                                  P["finetune_steps"], P["finetune_batch"], P["finetune_lr"], seed,
-                                 P["finetune_args"])  # e.g. ["--alpha", "0.5"]
+                                 ("--ema",) * P["finetune_ema"] + P["finetune_args"])  # e.g. ["--alpha", "0.5"]
     mark_done(d, settings(P, control, "finetune", method=method, seed=seed), seconds=seconds,
               step_time=log_step_time(d))
     return d

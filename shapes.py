@@ -64,14 +64,14 @@ PRESET = dict(
     vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0,
     unet_ch=32, unet_res_blocks=2, unet_heads=2, base_steps=600, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
-    controlnet_steps=800, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True,
+    controlnet_steps=800, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.0,
     probe_steps=300, probe_batch=16, probe_lr=1e-3,
     finetune_steps=200, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
     eval_steps=10, guidance=5.0, eval_seed=0, save_every=100, log_every=10,
     workers=None,  # worker processes for the independent runs (None: one per core)
 )
 # Every stage a few steps, at the real sizes (64 px scenes, 16x16 latents).
-SMOKE = dict(n_train=16, n_test=4, seeds=(0, 1), vae_steps=2, base_steps=2, annotator_steps=2, controlnet_steps=2,
+SMOKE = dict(n_train=16, n_test=8, seeds=(0, 1), vae_steps=2, base_steps=2, annotator_steps=2, controlnet_steps=2,
              probe_steps=2, finetune_steps=2, eval_steps=2, vae_batch=2, base_batch=4, annotator_batch=2,
              controlnet_batch=2, probe_batch=2, finetune_batch=2, save_every=1, log_every=1)
 # A larger world for one GPU (under 10 minutes on a current data-centre GPU, by estimate from the CPU step counts:
@@ -81,6 +81,7 @@ GPU = dict(device="cuda", n_train=6000, n_test=256, seeds=(0, 1, 2, 3, 4), vae_c
            annotator_batch=32, controlnet_steps=3000, controlnet_batch=32, probe_steps=1500, probe_batch=32,
            finetune_steps=1000, finetune_batch=32, eval_steps=20, save_every=500, workers=1)
 METHODS = ("controlnet", "controlnet++", "innercontrol")
+FIGURE_ROWS = 6  # held-out scenes shown in the figures
 NAMES = {"controlnet": "ControlNet", "controlnet++": "ControlNet++", "innercontrol": "InnerControl"}
 
 
@@ -124,7 +125,8 @@ STAGES = {  # stage: (the preset entries that change its result, the stages it r
     "base": (("unet_ch", "unet_res_blocks", "unet_heads", "base_steps", "base_batch", "base_lr", "caption_dropout"),
              ("vae",)),
     "annotators": (("annotator_width", "annotator_steps", "annotator_batch", "annotator_lr"), ("data",)),
-    "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr", "controlnet_ema"), ("base", "annotators")),
+    "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr", "controlnet_ema", "controlnet_empty_prompts"),
+                   ("base", "annotators")),
     "probe": (("probe_steps", "probe_batch", "probe_lr"), ("controlnet",)),
     "finetune": (("finetune_steps", "finetune_batch", "finetune_lr", "finetune_ema", "finetune_args"), ("probe",)),
     "eval": (("eval_steps", "guidance", "eval_seed", "seeds"), ("finetune",)),
@@ -474,8 +476,25 @@ def load_annotators(root, P, control):
 # ----------------------------------------------------------------------------------------------
 # Stages 5-7: ControlNet, probe and fine-tuning, through train.py
 
+class EmptyPrompts(data.ControlDataset):
+    """A share of the captions replaced by "" (drawn per (seed, epoch, index), so a resumed run sees the same): the
+    ControlNet paper trains its ControlNets with 50% empty prompts, so that they learn to read the scene from the
+    control alone."""
+
+    def __init__(self, *args, share=0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.share = share
+
+    def __getitem__(self, key):
+        sample = super().__getitem__(key)
+        key = key if isinstance(key, tuple) else (key, 0, self.seed)
+        if sample is not None and self.share and np.random.default_rng((7, *key)).random() < self.share:
+            sample["text"] = ""
+        return sample
+
+
 def run_train_stage(out, P, sd, controlnet, probe, reward_model, dataset, method, stage, control, steps, batch,
-                    lr, seed, extra=()):
+                    lr, seed, extra=(), empty_prompts=0.0):
     """One call of train.train with the shapes-world models (resuming OUT/checkpoint.pt if there is one); returns
     the path of the trained ControlNet or probe and the seconds it took."""
     argv = ["--method", method, "--stage", stage, "--control", control, "--out", out, "--max-steps", str(steps),
@@ -485,7 +504,7 @@ def run_train_stage(out, P, sd, controlnet, probe, reward_model, dataset, method
     args = train.parse_args(argv + list(extra))
     models = train.Models(args, sd, controlnet, probe, reward_model, annotator=reward_model if control != "depth"
                           else None)
-    ds = data.ControlDataset(dataset, P["size"], control_column=control_column(control))
+    ds = EmptyPrompts(dataset, P["size"], control_column=control_column(control), share=empty_prompts)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     train.train(args, models, ds, log=print)  # prints "resumed from ... at step N" when it continues
@@ -515,7 +534,8 @@ def stage_controlnet(root, P, sd, reward_model, train_dir, control):
         widths = HINT_BLOCK_CHANNELS[:2 * int(math.log2(sd.vae.cfg.factor)) + 1]
         _, seconds = run_train_stage(d, P, sd, ControlNet.from_unet(sd.unet, 3, widths), None, reward_model, train_dir,
                                      "controlnet", "finetune", control, P["controlnet_steps"], P["controlnet_batch"],
-                                     P["controlnet_lr"], 0, ("--ema",) * P["controlnet_ema"])
+                                     P["controlnet_lr"], 0, ("--ema",) * P["controlnet_ema"],
+                                     P["controlnet_empty_prompts"])
         mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
     return os.path.join(d, "controlnet.safetensors")
 
@@ -659,7 +679,8 @@ def probe_error_by_timestep(sd, controlnet, probe, reward_model, truths, images,
         x0 = sd.schedule.x0_from_eps(x_t, eps, t)
         r = reward.reward_prediction(control, reward_model, ((sd.vae.decode_latents(x0) + 1) / 2).clamp(0, 1))
         rows.append({"bucket": f"{lo}-{lo + 200}", "probe_rmse": metrics.rmse_8bit(p, label).mean().item(),
-                     "x0_reward_rmse": metrics.rmse_8bit(r, label).mean().item(), "probe": p[:4], "x0_reward": r[:4]})
+                     "x0_reward_rmse": metrics.rmse_8bit(r, label).mean().item(), "probe": p[:FIGURE_ROWS],
+                     "x0_reward": r[:FIGURE_ROWS]})
     return rows
 
 
@@ -759,7 +780,7 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
                [res[m, s][2] for s in P["seeds"]]) for m in METHODS]
     probe_rows = probe_error_by_timestep(sd, load_controlnet(controlnet_path, device=dev), load_probe(probe_path,
                                          device=dev), reward_model, truths, images, texts, control)
-    k = min(6, len(images))
+    k = min(FIGURE_ROWS, len(images))
     save_figure(os.path.join(root, "figure.png"),
                 [cond[:k], (images[:k] + 1) / 2, res["base", 0][0][:k], res["start", 0][0][:k]]
                 + [res[m, P["seeds"][0]][0][:k] for m in METHODS],

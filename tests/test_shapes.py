@@ -119,7 +119,7 @@ def test_checkpoints_load(smoke):
 
 def test_figures_are_pngs(smoke):
     out = smoke[0]
-    k = min(6, shapes.SMOKE["n_test"])
+    k = min(shapes.FIGURE_ROWS, shapes.SMOKE["n_test"])
     for name, columns in (("figure.png", 7), ("vae_figure.png", 2), ("probe_figure.png", 11)):
         with Image.open(os.path.join(out, name)) as im:
             im.verify()

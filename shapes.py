@@ -62,12 +62,12 @@ from probe import Probe, ProbeConfig, probe_output01
 PRESET = dict(
     size=64, n_train=1500, n_test=128, seeds=(0, 1, 2), device="cpu",
     vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0,
-    unet_ch=32, unet_res_blocks=2, unet_heads=2, base_steps=600, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
+    unet_ch=32, unet_res_blocks=1, unet_heads=2, base_steps=1000, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
-    controlnet_steps=800, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.0,
-    probe_steps=300, probe_batch=16, probe_lr=1e-3,
-    finetune_steps=200, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
-    eval_steps=10, guidance=5.0, eval_seed=0, save_every=100, log_every=10,
+    controlnet_steps=1000, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.5,
+    probe_steps=200, probe_batch=16, probe_lr=1e-3,
+    finetune_steps=150, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
+    eval_steps=10, guidance=3.0, eval_seed=0, save_every=100, log_every=10,
     workers=None,  # worker processes for the independent runs (None: one per core)
 )
 # Every stage a few steps, at the real sizes (64 px scenes, 16x16 latents).
@@ -77,7 +77,7 @@ SMOKE = dict(n_train=16, n_test=8, seeds=(0, 1), vae_steps=2, base_steps=2, anno
 # A larger world for one GPU (under 10 minutes on a current data-centre GPU, by estimate from the CPU step counts:
 # not yet measured): more scenes, longer stages, more held-out scenes and seeds for the comparison.
 GPU = dict(device="cuda", n_train=6000, n_test=256, seeds=(0, 1, 2, 3, 4), vae_ch=32, vae_steps=3000, vae_batch=32,
-           unet_ch=64, base_steps=3000, base_batch=64, annotator_width=32, annotator_steps=1000,
+           unet_ch=64, unet_res_blocks=2, base_steps=3000, base_batch=64, annotator_width=32, annotator_steps=1000,
            annotator_batch=32, controlnet_steps=3000, controlnet_batch=32, probe_steps=1500, probe_batch=32,
            finetune_steps=1000, finetune_batch=32, eval_steps=20, save_every=500, workers=1)
 METHODS = ("controlnet", "controlnet++", "innercontrol")

@@ -94,7 +94,10 @@ def test_checkpoints_load(smoke):
     hint = torch.rand(1, 3, 64, 64)
     start = formats.load_controlnet(os.path.join(out, "controlnet", "controlnet.safetensors"), sd.unet.config)
     residuals = start(x, 500, context, hint)
-    assert len(residuals) == 13 and residuals[0].shape == (1, shapes.PRESET["unet_ch"], 16, 16)
+    levels, blocks = len(sd.unet.config.channel_mult), shapes.PRESET["unet_res_blocks"]
+    # conv_in, every ResBlock, every downsampler, and the middle block: 13 at SD1.5's two ResBlocks per level
+    assert len(residuals) == 1 + levels * blocks + (levels - 1) + 1
+    assert residuals[0].shape == (1, shapes.PRESET["unet_ch"], 16, 16)
     # stage 5 trained the zero convs away from zero: the ControlNet acts on the UNet
     assert residuals[-1].abs().max() > 0
     start_sd = start.state_dict()

@@ -74,6 +74,25 @@ def test_every_stage_runs_and_prints_the_table(smoke):
     assert buckets == ["0-200", "200-400", "400-600", "600-800", "800-1000"]
 
 
+def test_rescore_on_new_scenes(smoke):
+    """tools/shapes_rescore.py: every fine-tuned ControlNet of the run scored on new held-out scenes, paired."""
+    out = smoke[0]
+    p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "shapes_rescore.py"), str(out), "--scenes", "4",
+                        "--seed", "5", "--workers", "1"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(re.findall(r"^(ControlNet|ControlNet\+\+|InnerControl): \d", p.stdout, re.M)) == 3
+    assert len(re.findall(r"^\w+(\+\+)? - \w+(\+\+)?: [+-]\d", p.stdout, re.M)) == 3
+    with open(os.path.join(out, "rescore-4-seed5", "scores.json")) as f:
+        scores = json.load(f)
+    seeds = len(shapes.SMOKE["seeds"])
+    assert sorted(scores) == sorted(shapes.METHODS)
+    assert all(len(v) == seeds and all(len(r) == 4 for r in v) for v in scores.values())
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "tools", "shapes_rescore.py"), str(out), "--seed", "2"],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_checkpoints_load(smoke):
     out = smoke[0]
     sd = formats.load_sd(os.path.join(out, "base", "sd.safetensors"))

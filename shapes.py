@@ -376,10 +376,11 @@ def stage_vae(root, P, cfg, control, images, objects):
                               cosine=True)
         with torch.no_grad():
             means = torch.cat([vae.eval().encode(images[i:i + 256].to(dev))[0] for i in range(0, len(images), 256)])
-        normalize_latents_(vae, means.mean((0, 2, 3)), means.std((0, 2, 3)))
+        mean, std = means.mean((0, 2, 3)), means.std((0, 2, 3))
+        normalize_latents_(vae, mean, std)
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(d, "vae.safetensors"))
         mark_done(d, settings(P, control, "vae"), loss=loss, step_time=step_time, seconds=time.perf_counter() - t0,
-                  latent_mean=means.mean((0, 2, 3)).tolist(), latent_std=means.std((0, 2, 3)).tolist())
+                  latent_mean=mean.tolist(), latent_std=std.tolist())
     else:
         vae.load_state_dict(formats.load_state_dict(os.path.join(d, "vae.safetensors")))
     cfg.vae.scaling_factor = vae.cfg.scaling_factor = 1.0  # normalize_latents_ did the scaling
@@ -714,6 +715,29 @@ def paired_difference(a, b, resamples=10_000, seed=0):
 
 
 @torch.no_grad()
+def eval_inputs(control, reward_model, evaluator, images, truths):
+    """What every evaluation of these held-out scenes shares: the ControlNet's input (the reward model's annotation,
+    as in training), the label (the evaluator's) and the real renders' evaluator features (for the Frechet
+    distance)."""
+    depth = truths if control == "depth" else None
+    cond = reward.control_image(control, reward.make_label(control, reward_model, (images + 1) / 2, depth), depth)
+    label = evaluation.eval_label(control, evaluator, (images + 1) / 2, depth)
+    return cond, label, evaluation.evaluator_features(evaluator, (images + 1) / 2).cpu()
+
+
+def paired_table(per_scene, control):
+    """Each pair of methods: the mean paired difference of their per-scene scores, its 95% interval, and whether
+    it is significant (the interval excludes 0)."""
+    pairs = []
+    for a, b in (("controlnet++", "controlnet"), ("innercontrol", "controlnet"), ("innercontrol", "controlnet++")):
+        mean, lo, hi = paired_difference(per_scene[a], per_scene[b])
+        better = (mean < 0) == (control == "depth")  # depth RMSE: lower is better; edges' SSIM: higher
+        pairs.append({"pair": f"{NAMES[a]} - {NAMES[b]}", "mean": mean, "lo": lo, "hi": hi,
+                      "significant": lo > 0 or hi < 0, "better": NAMES[a] if better else NAMES[b]})
+    return pairs
+
+
+@torch.no_grad()
 def vae_floor(sd, evaluator, images, objects, label, control):
     """The best any generated image can score: the evaluator on the VAE's reconstructions of the held-out renders,
     beside its score on the renders themselves, and the reconstructions' PSNR (all pixels, object pixels)."""
@@ -747,11 +771,7 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     t0 = time.perf_counter()
     images, truths, objects, texts = load_arrays(test_dir, control, P["size"])
     images, truths, objects = images.to(dev), truths.to(dev), objects.to(dev)
-    depth = truths if control == "depth" else None
-    # the ControlNet's input: the reward model's annotation (as in training); the label: the evaluator's
-    cond = reward.control_image(control, reward.make_label(control, reward_model, (images + 1) / 2, depth), depth)
-    label = evaluation.eval_label(control, evaluator, (images + 1) / 2, depth)
-    real_features = evaluation.evaluator_features(evaluator, (images + 1) / 2).cpu()
+    cond, label, real_features = eval_inputs(control, reward_model, evaluator, images, truths)
     inputs = (texts, cond.cpu(), label.cpu(), real_features)
     runs = [("base", None, 0), ("start", controlnet_path, 0)] + \
         [(method, finetuned[(method, seed)], seed) for method in METHODS for seed in P["seeds"]]
@@ -767,13 +787,7 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     base, start = res["base", 0][1].mean().item(), res["start", 0][1].mean().item()
     floor["control_ratio"] = (base - start) / (base - floor["reconstruction"])  # share of the gap stage 5 closes
     per_scene = {m: [res[m, s][1].tolist() for s in P["seeds"]] for m in METHODS}
-    lower_better = control == "depth"
-    pairs = []
-    for a, b in (("controlnet++", "controlnet"), ("innercontrol", "controlnet"), ("innercontrol", "controlnet++")):
-        mean, lo, hi = paired_difference(per_scene[a], per_scene[b])
-        better = (mean < 0) == lower_better
-        pairs.append({"pair": f"{NAMES[a]} - {NAMES[b]}", "mean": mean, "lo": lo, "hi": hi,
-                      "significant": lo > 0 or hi < 0, "better": NAMES[a] if better else NAMES[b]})
+    pairs = paired_table(per_scene, control)
     table = [("base model, no ControlNet", [base], [res["base", 0][2]]),
              ("ControlNet (stage 5, before fine-tuning)", [start], [res["start", 0][2]])]
     table += [(f"{NAMES[m]} (+{P['finetune_steps']} steps)", [res[m, s][1].mean().item() for s in P["seeds"]],

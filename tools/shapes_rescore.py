@@ -11,28 +11,12 @@ import argparse
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import eval as evaluation  # noqa: E402
-import reward  # noqa: E402
 import shapes  # noqa: E402
 import shapes_render  # noqa: E402
-
-
-def score(root, scenes_dir, P, control, path):
-    """Per-scene controllability of the ControlNet at `path` on the scenes in scenes_dir (one worker process)."""
-    torch.set_num_threads(1)
-    images, truths, _, texts = shapes.load_arrays(scenes_dir, control, P["size"])
-    reward_model, evaluator = shapes.load_annotators(root, P, control)
-    depth = truths if control == "depth" else None
-    cond = reward.control_image(control, reward.make_label(control, reward_model, (images + 1) / 2, depth), depth)
-    label = evaluation.eval_label(control, evaluator, (images + 1) / 2, depth)
-    real = evaluation.evaluator_features(evaluator, (images + 1) / 2)
-    return shapes.evaluate_one(root, P, control, path, texts, cond, label, real)[1].tolist()
 
 
 def main():
@@ -55,18 +39,22 @@ def main():
     if not os.path.exists(os.path.join(scenes_dir, "metadata.jsonl")):
         shapes_render.write_shapes_dataset(scenes_dir, args.scenes, seed=args.seed, size=P["size"], control=control,
                                            num_workers=args.workers if args.scenes >= 200 else 0)
+    images, truths, _, texts = shapes.load_arrays(scenes_dir, control, P["size"])
+    reward_model, evaluator = shapes.load_annotators(args.run, P, control)
+    cond, label, real_features = shapes.eval_inputs(control, reward_model, evaluator, images, truths)
     runs = [(m, s) for m in shapes.METHODS for s in P["seeds"]]
     paths = [os.path.join(args.run, "finetune", f"{m}-seed{s}", "controlnet.safetensors") for m, s in runs]
     print(f"{len(runs)} ControlNets on {args.scenes} scenes in {args.workers} worker processes", flush=True)
-    with ProcessPoolExecutor(args.workers) as ex:
-        out = list(ex.map(score, *zip(*[(args.run, scenes_dir, P, control, path) for path in paths])))
-    per = {m: [out[i] for i, (mm, _) in enumerate(runs) if mm == m] for m in shapes.METHODS}
+    out = shapes.Workers(args.workers, [(shapes.evaluate_one, (args.run, P, control, path, texts, cond, label,
+                                                                real_features)) for path in paths],
+                         [os.path.join(scenes_dir, "console.txt")] * len(runs),
+                         [f"{shapes.NAMES[m]}, seed {s}" for m, s in runs]).wait()
+    per = {m: [out[i][1].tolist() for i, (mm, _) in enumerate(runs) if mm == m] for m in shapes.METHODS}
     for m in shapes.METHODS:
         print(f"{shapes.NAMES[m]}: {np.mean(per[m]):.3f} (per seed {', '.join(f'{x:.2f}' for x in np.mean(per[m], 1))})")
-    for a, b in (("controlnet++", "controlnet"), ("innercontrol", "controlnet"), ("innercontrol", "controlnet++")):
-        mean, lo, hi = shapes.paired_difference(per[a], per[b])
-        print(f"{shapes.NAMES[a]} - {shapes.NAMES[b]}: {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-              f"{' significant' if lo > 0 or hi < 0 else ''}")
+    for p in shapes.paired_table(per, control):
+        print(f"{p['pair']}: {p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}]"
+              + (f" significant, {p['better']} is better" if p["significant"] else " not significant"))
     with open(os.path.join(scenes_dir, "scores.json"), "w") as f:
         json.dump(per, f)
 

@@ -785,7 +785,8 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     res = {(name, seed): r for (name, _, seed), r in zip(runs, out)}
     rec, floor = vae_floor(sd, evaluator, images, objects, label, control)
     base, start = res["base", 0][1].mean().item(), res["start", 0][1].mean().item()
-    floor["control_ratio"] = (base - start) / (base - floor["reconstruction"])  # share of the gap stage 5 closes
+    gap = base - floor["reconstruction"]  # 0 only where an untrained (smoke-test) evaluator scores every image alike
+    floor["control_ratio"] = (base - start) / gap if gap else float("nan")  # the share of the gap stage 5 closes
     per_scene = {m: [res[m, s][1].tolist() for s in P["seeds"]] for m in METHODS}
     pairs = paired_table(per_scene, control)
     table = [("base model, no ControlNet", [base], [res["base", 0][2]]),

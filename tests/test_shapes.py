@@ -30,14 +30,14 @@ STAGES = ["data", "vae", "base", "annotators/reward", "annotators/evaluator", "c
     [f"finetune/{m}-seed{s}" for m in shapes.METHODS for s in shapes.SMOKE["seeds"]] + ["eval"]
 
 
-def command(out, *extra):
-    return [sys.executable, os.path.join(REPO, "train.py"), "--control", "depth", "--out", str(out), *extra]
+def command(out, *extra, control="depth"):
+    return [sys.executable, os.path.join(REPO, "train.py"), "--control", control, "--out", str(out), *extra]
 
 
-def run(out, *extra, preset=None, timeout=600):
+def run(out, *extra, preset=None, timeout=600, control="depth"):
     env = dict(ENV, **({"SHAPES_PRESET": json.dumps(preset)} if preset else {}))
     t0 = time.perf_counter()
-    p = subprocess.run(command(out, *extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(command(out, *extra, control=control), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p, time.perf_counter() - t0
 
@@ -72,6 +72,28 @@ def test_every_stage_runs_and_prints_the_table(smoke):
         assert ("±" in cells[1]) == ("steps)" in name)
     buckets = [line.split("|")[1].strip() for line in lines if re.fullmatch(r"\d+-\d+", line.split("|")[1].strip())]
     assert buckets == ["0-200", "200-400", "400-600", "600-800", "800-1000"]
+
+
+@pytest.mark.parametrize("control", ["hed", "lineart"])
+def test_edge_worlds_run_end_to_end(tmp_path, control):
+    """The same world with edges: labels from the annotator on the render, SSIM in the table (higher is better);
+    an untrained evaluator may score every image alike, and the control ratio is then NaN, not a crash."""
+    out = tmp_path / "run"
+    p, _ = run(out, control=control)
+    for stage in STAGES:
+        assert os.path.exists(os.path.join(out, stage, "done.json")), stage
+    lines = table_lines(p.stdout)
+    assert lines[0].startswith(f"| method | {control} SSIM (higher is better)")
+    for name in ROWS:
+        row = [line for line in lines if line.startswith(f"| {name} |")]
+        assert len(row) == 1, name
+        assert -1 <= float(row[0].strip("|").split("|")[1].split("±")[0]) <= 1
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["control"] == control and len(results["pairs"]) == 3
+    ratio = results["floor"]["control_ratio"]
+    assert math.isnan(ratio) or math.isfinite(ratio)
+    assert Image.open(out / "figure.png").size[0] == 7 * 96
 
 
 def test_rescore_on_new_scenes(smoke):

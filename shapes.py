@@ -65,7 +65,7 @@ PRESET = dict(
     unet_ch=32, unet_res_blocks=1, unet_heads=2, base_steps=1000, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
     controlnet_steps=1000, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.5,
-    probe_steps=200, probe_batch=16, probe_lr=1e-3,
+    probe_steps=200, probe_batch=16, probe_lr=1e-3, probe_loss="auto",  # see probe_loss()
     finetune_steps=150, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
     eval_steps=10, guidance=3.0, eval_seed=0, save_every=100, log_every=10,
     workers=None,  # worker processes for the independent runs (None: one per core)
@@ -108,6 +108,8 @@ def preset():
     except SystemExit:
         sys.exit(f"train.py: error: finetune_args {list(P['finetune_args'])} from SHAPES_PRESET: "
                  f"{problem.getvalue().strip().removeprefix('train.py: error: ')}")
+    if P["probe_loss"] not in ("auto", "control", "alignment"):
+        sys.exit(f"train.py: error: SHAPES_PRESET probe_loss is {P['probe_loss']!r}; use auto, control or alignment")
     if P["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("train.py: error: this preset runs on a GPU (device cuda) and none is available")
     if P["workers"] is None:
@@ -127,7 +129,7 @@ STAGES = {  # stage: (the preset entries that change its result, the stages it r
     "annotators": (("annotator_width", "annotator_steps", "annotator_batch", "annotator_lr"), ("data",)),
     "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr", "controlnet_ema", "controlnet_empty_prompts"),
                    ("base", "annotators")),
-    "probe": (("probe_steps", "probe_batch", "probe_lr"), ("controlnet",)),
+    "probe": (("probe_steps", "probe_batch", "probe_lr", "probe_loss"), ("controlnet",)),
     "finetune": (("finetune_steps", "finetune_batch", "finetune_lr", "finetune_ema", "finetune_args"), ("probe",)),
     "eval": (("eval_steps", "guidance", "eval_seed", "seeds"), ("finetune",)),
 }
@@ -137,6 +139,8 @@ def settings(P, control, stage, **extra):
     """What a stage is made from: its preset entries, the control, the fingerprints of the stages it reads."""
     keys, reads = STAGES[stage]
     out = {k: list(P[k]) if isinstance(P[k], tuple) else P[k] for k in keys}
+    if "probe_loss" in out:
+        out["probe_loss"] = probe_loss(P, control)
     out.update({"control": control, **extra}, **{f"<{r}>": fingerprint(settings(P, control, r)) for r in reads})
     return out
 
@@ -548,11 +552,37 @@ def stage_probe(root, P, sd, controlnet_path, reward_model, train_dir, control):
                                  f"steps, batch {P['probe_batch']}", made_with):
         torch.manual_seed(0)
         probe = Probe(ProbeConfig.for_unet(sd.unet.config))
-        _, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model, train_dir,
-                                     "innercontrol", "probe", control, P["probe_steps"], P["probe_batch"],
-                                     P["probe_lr"], 0)
+        path, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model, train_dir,
+                                        "innercontrol", "probe", control, P["probe_steps"], P["probe_batch"],
+                                        P["probe_lr"], 0, ("--probe-loss", probe_loss(P, control)))
+        check_probe(sd, load_controlnet(controlnet_path, device=P["device"]), load_probe(path, device=P["device"]),
+                    reward_model, train_dir, control, P)
         mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
     return os.path.join(d, "probe.safetensors")
+
+
+def check_probe(sd, controlnet, probe, reward_model, train_dir, control, P):
+    """Stop if the probe reads the same map from every scene: its tanh saturated (with --probe-loss control a
+    line-art probe did this, README), and the alignment loss would pass no gradient. Stage 7 would then train
+    ControlNet++ under InnerControl's name."""
+    images, truths, _, texts = load_arrays(train_dir, control, P["size"])
+    k = min(16, len(images))
+    rows = probe_error_by_timestep(sd, controlnet, probe, reward_model, truths[:k].to(P["device"]),
+                                   images[:k].to(P["device"]), texts[:k], control)
+    spread = max(r["probe"].std((1, 2, 3)).max().item() for r in rows)
+    if spread < 1e-3 and P["probe_steps"] >= 50:  # a few smoke-test steps leave the probe near its constant start
+        sys.exit(f"train.py: error: the stage-6 probe gives a constant reading (spread {spread:.1e}); try another "
+                 f"SHAPES_PRESET probe_lr or probe_loss, then rerun (stage 6 starts over)")
+
+
+def probe_loss(P, control):
+    """train.py --probe-loss for stage 6. "auto": Readout Guidance's target, the ControlNet's input, except for line
+    art. Its input is thin white lines on a black ground; with that target the probe's loss stops falling after 30
+    steps and its tanh ends saturated, its output the same for every scene. Trained on the alignment loss's own
+    comparison (min-max normalised, so the scale of its output is free), it reads the outlines (README)."""
+    if P["probe_loss"] != "auto":
+        return P["probe_loss"]
+    return "alignment" if control == "lineart" else "control"
 
 
 def finetune_dir(root, method, seed):

@@ -97,6 +97,9 @@ def test_edge_worlds_run_end_to_end(tmp_path, control):
     gap, ratio = base - results["floor"]["reconstruction"], results["floor"]["control_ratio"]
     assert math.isnan(ratio) if gap == 0 else ratio == pytest.approx((base - start) / gap)
     assert Image.open(out / "figure.png").size[0] == 7 * 96
+    # the probe trained with the loss stage 6 picks for this control (line art: the alignment comparison)
+    assert shapes.done_info(out / "probe")["settings"]["probe_loss"] == ("alignment" if control == "lineart"
+                                                                         else "control")
 
 
 def test_rescore_on_new_scenes(smoke):
@@ -326,3 +329,42 @@ def test_fit_resumes_where_it_stopped(tmp_path):
     shapes.fit(str(tmp_path / "run"), [net], loss_fn_for(net), 12, 1e-2, save_every=100)
     for a, b in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_probe_loss_per_control_and_the_constant_probe_guard(smoke):
+    """Line art's probe trains on the alignment loss's comparison, the others on the ControlNet's input; stage 6
+    stops on a probe whose reading is the same for every scene (a saturated tanh), and passes a probe that varies."""
+    P = dict(shapes.preset(), probe_steps=200)
+    assert [shapes.probe_loss(P, c) for c in ("depth", "hed", "lineart")] == ["control", "control", "alignment"]
+    assert shapes.probe_loss(dict(P, probe_loss="control"), "lineart") == "control"
+    out = smoke[0]
+    sd = formats.load_sd(os.path.join(out, "base", "sd.safetensors"))
+    cn = formats.load_controlnet(os.path.join(out, "controlnet", "controlnet.safetensors"))
+    reward_model = shapes.load_annotators(str(out), P, "depth")[0]
+    probe = formats.load_probe(os.path.join(out, "probe", "probe.safetensors"))
+    with torch.no_grad():
+        torch.nn.init.normal_(probe.head[-1].weight, std=0.5)
+        shapes.check_probe(sd, cn, probe, reward_model, os.path.join(out, "data", "train"), "depth", P)  # varies
+        probe.head[-1].weight.zero_()
+        probe.head[-1].bias.fill_(-30.0)  # tanh = -1 everywhere
+    with pytest.raises(SystemExit, match="constant reading"):
+        shapes.check_probe(sd, cn, probe, reward_model, os.path.join(out, "data", "train"), "depth", P)
+
+
+def test_lineart_alignment_comparison():
+    """The comparison the line-art probe trains on (--probe-loss alignment) and the alignment loss makes: the
+    probe's channel mean, min-max normalised per image, inverted, against the label."""
+    import train
+    import reward
+    from probe import probe_output01
+    from unet import DecoderFeatures
+    torch.manual_seed(0)
+    feats = DecoderFeatures(torch.randn(3, 8), [torch.randn(3, 4, 4, 4), torch.randn(3, 4, 8, 8)])
+    probe = shapes.Probe(shapes.ProbeConfig(feature_channels=(4, 4), time_dim=8, bottleneck_dim=8, proj_dim=8,
+                                            norm_groups=4))
+    torch.nn.init.normal_(probe.head[-1].weight, std=0.3)
+    label = torch.rand(3, 1, 16, 16)
+    models = type("M", (), {"probe": probe, "control": "lineart"})()
+    got = train.alignment_loss(models, feats, label, torch.arange(3), 3.0)
+    p = 1 - reward.normalize_per_image_minmax(probe_output01(probe(feats), size=(16, 16)).mean(1, keepdim=True))
+    assert torch.allclose(got, (p - label).pow(2).mean(), atol=1e-6)

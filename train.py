@@ -76,9 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--t-reward", type=int, default=None, help="reward loss where t <= this (per-control default)")
     p.add_argument("--t-align-min", type=int, default=0)
     p.add_argument("--t-align-max", type=int, default=920)
-    p.add_argument("--probe-loss", choices=["control", "alignment"], default="control",
-                   help="--stage probe: MSE against the ControlNet's input (Readout Guidance), or the alignment "
-                        "loss's own comparison (the probe's reading in label space against the label)")
+    p.add_argument("--probe-loss", choices=["control", "alignment"], default="control", help="--stage probe: "
+                   "against the ControlNet's input (Readout Guidance), or the alignment loss's own comparison")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=500)
@@ -168,10 +167,9 @@ def training_step(models, batch, t, noise, latent_noise, args, counts):
             if need_features else (sd.unet(x_t, t_dev, context, control=residuals), None)
 
     if args.stage == "probe":  # the probe learns to read the control map from noisy features, at every t
-        if args.probe_loss == "alignment":  # what the alignment loss will ask of it, on every sample
-            with models.autocast():
-                return {"probe": alignment_loss(models, features, label, torch.arange(len(t)), counts["all"])}
         with models.autocast():  # the frozen UNet's features come in the compute dtype, the probe trains in fp32
+            if args.probe_loss == "alignment":  # what the alignment loss will ask of it, on every sample
+                return {"probe": alignment_loss(models, features, label, torch.arange(len(t)), counts["all"])}
             pred01 = probe_output01(models.probe(features).float(), size=control.shape[-2:])
         return {"probe": masked_mean(per_sample_mse(pred01, control), counts["all"])}
 

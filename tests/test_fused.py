@@ -476,4 +476,6 @@ def test_sampling_with_graphs_gives_the_same_image(cpu_graphs):
     graphed = sample.generate(sd, "a red ball", cond, net, steps=4, seed=1,
                               callback=lambda i, t, x, f: readings.append(f.maps[0]))
     assert len(cpu_graphs) == 2 and len({r.data_ptr() for r in readings}) == 4  # features copied out, not aliased
-    assert np.array_equal(np.asarray(graphed[0]), np.asarray(plain[0]))
+    # the fused layers sum in another order than the plain ones: on some CPUs a pixel may round to the next level
+    diff = np.abs(np.asarray(graphed[0], np.int16) - np.asarray(plain[0], np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())

@@ -139,8 +139,6 @@ def settings(P, control, stage, **extra):
     """What a stage is made from: its preset entries, the control, the fingerprints of the stages it reads."""
     keys, reads = STAGES[stage]
     out = {k: list(P[k]) if isinstance(P[k], tuple) else P[k] for k in keys}
-    if "probe_loss" in out:
-        out["probe_loss"] = probe_loss(P, control)
     out.update({"control": control, **extra}, **{f"<{r}>": fingerprint(settings(P, control, r)) for r in reads})
     return out
 
@@ -554,7 +552,7 @@ def stage_probe(root, P, sd, controlnet_path, reward_model, train_dir, control):
         probe = Probe(ProbeConfig.for_unet(sd.unet.config))
         path, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model, train_dir,
                                         "innercontrol", "probe", control, P["probe_steps"], P["probe_batch"],
-                                        P["probe_lr"], 0, ("--probe-loss", probe_loss(P, control)))
+                                        P["probe_lr"], 0, ("--probe-loss", P["probe_loss"]))
         check_probe(sd, load_controlnet(controlnet_path, device=P["device"]), load_probe(path, device=P["device"]),
                     reward_model, train_dir, control, P)
         mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
@@ -895,6 +893,7 @@ def run(args):
     """The whole pipeline; `args` are train.py's (control, out, fresh)."""
     root = args.out if args.out != "runs/train" else f"runs/shapes-{args.control}"
     P = preset()
+    P["probe_loss"] = probe_loss(P, args.control)  # "auto" resolved, so that stage 6's settings record the loss
     if args.fresh and os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(root, exist_ok=True)

@@ -350,21 +350,3 @@ def test_probe_loss_per_control_and_the_constant_probe_guard(smoke):
     with pytest.raises(SystemExit, match="constant reading"):
         shapes.check_probe(sd, cn, probe, reward_model, os.path.join(out, "data", "train"), "depth", P)
 
-
-def test_lineart_alignment_comparison():
-    """The comparison the line-art probe trains on (--probe-loss alignment) and the alignment loss makes: the
-    probe's channel mean, min-max normalised per image, inverted, against the label."""
-    import train
-    import reward
-    from probe import probe_output01
-    from unet import DecoderFeatures
-    torch.manual_seed(0)
-    feats = DecoderFeatures(torch.randn(3, 8), [torch.randn(3, 4, 4, 4), torch.randn(3, 4, 8, 8)])
-    probe = shapes.Probe(shapes.ProbeConfig(feature_channels=(4, 4), time_dim=8, bottleneck_dim=8, proj_dim=8,
-                                            norm_groups=4))
-    torch.nn.init.normal_(probe.head[-1].weight, std=0.3)
-    label = torch.rand(3, 1, 16, 16)
-    models = type("M", (), {"probe": probe, "control": "lineart"})()
-    got = train.alignment_loss(models, feats, label, torch.arange(3), 3.0)
-    p = 1 - reward.normalize_per_image_minmax(probe_output01(probe(feats), size=(16, 16)).mean(1, keepdim=True))
-    assert torch.allclose(got, (p - label).pow(2).mean(), atol=1e-6)

@@ -175,6 +175,26 @@ def test_alignment_gradients_reach_only_the_controlnet(world):
         assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
 
 
+def test_probe_stage_can_train_on_the_alignment_comparison(world, monkeypatch):
+    """--stage probe --probe-loss alignment: the probe's loss is alignment_loss on this forward's features and the
+    label, over every sample (t = 950 too, outside the fine-tuning window), and only the probe gets a gradient."""
+    calls, alignment_loss = [], train.alignment_loss
+    monkeypatch.setattr(train, "alignment_loss", lambda *a: calls.append(a) or alignment_loss(*a))
+    t, n, batch = torch.tensor([100, 400, 700, 950]), torch.randn(4, 4, 8, 8), fake_batch()
+    values = {}
+    for loss in ("control", "alignment"):
+        args, models = make_models(world, "--stage", "probe", "--probe-loss", loss)
+        losses = train.training_step(models, batch, t, n, torch.zeros_like(n), args, train.eligible_counts(args, t))
+        values[loss] = losses["probe"]
+    (_, _, label, rows, count), = calls  # called once, by the alignment run
+    assert rows.tolist() == [0, 1, 2, 3] and count == 4.0
+    torch.testing.assert_close(label, reward.depth_label(batch["control"]))
+    assert abs(values["alignment"].item() - values["control"].item()) > 1e-6  # another loss, not the same one
+    values["alignment"].backward()
+    assert sum(p.grad.abs().sum().item() for p in models.probe.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in models.controlnet.parameters())
+
+
 # -- the loop: resume, checkpoints, bad data, NaN ------------------------------------------------------
 
 def run_main(argv):

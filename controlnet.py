@@ -49,9 +49,8 @@ class ControlNet(nn.Module):
             if isinstance(conv, nn.Conv2d):
                 nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
                 nn.init.zeros_(conv.bias)
-        for conv in [self.input_hint_block[-1], *[z[0] for z in self.zero_convs], self.middle_block_out[0]]:
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        for p in nn.ModuleList([self.input_hint_block[-1], *self.zero_convs, self.middle_block_out]).parameters():
+            nn.init.zeros_(p)
 
     @classmethod
     def from_unet(cls, unet, hint_channels=3, hint_block_channels=HINT_BLOCK_CHANNELS):

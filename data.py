@@ -118,12 +118,11 @@ def open_image(path, resolution=None):
 
 
 def to_rgb01(img, box=None, size=None, resample=Image.BILINEAR):
-    """Any PIL image -> float32 array (3, H, W) in [0, 1], optionally cropped to the fractional
-    `box` and resized to `size` (a side, or (w, h); PIL's filters are area-aware when shrinking).
-
-    8-bit modes (L, RGB, RGBA, P, LA, 1, CMYK, ...) go through PIL's RGB conversion (alpha dropped).
-    High-bit-depth modes are resampled in float so no precision is lost: I;16 (16-bit PNG depth
-    maps) and I are scaled by the 16-bit range (value / 65535); F is taken as already in [0, 1]."""
+    """Any PIL image -> float32 array (3, H, W) in [0, 1], optionally cropped to the fractional `box` and resized
+    to `size` (a side, or (w, h); PIL's filters are area-aware when shrinking). 8-bit modes (L, RGB, RGBA, P, LA,
+    1, CMYK, ...) go through PIL's RGB conversion (alpha dropped); high-bit-depth modes are resampled in float, so no
+    precision is lost: I;16 (16-bit PNG depth maps) and I are scaled by the 16-bit range (value / 65535), F is taken
+    as already in [0, 1]."""
     size = (size, size) if isinstance(size, int) else size
     pbox = None if box is None else (box[0] * img.width, box[1] * img.height,
                                      box[2] * img.width, box[3] * img.height)

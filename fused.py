@@ -22,6 +22,8 @@ On the CPU:
   backward, where oneDNN's direct convolution reuses each weight at too few positions.
 - FastUpsample: 2x nearest upsampling + 3x3 conv as four 2x2 convs on the small map.
 - FastAttention: heads laid out contiguously before scaled_dot_product_attention.
+- FastLinear (and the token paths' projections): fp32 linear layers of 64 rows or more as oneDNN 1x1
+  convolutions, forward and input gradient, instead of MKL's sgemm.
 - ChannelsLastSequential: the ControlNet's hint encoder in NHWC (few channels, image-sized maps).
 On CUDA:
 - NormActSequential, LeanResnetBlock: GroupNorm + SiLU in one autograd function that keeps only the norm's input
@@ -195,6 +197,52 @@ class FastConv2d(LeanConv2d):
 
 
 # -----------------------------------------------------------------------------
+# fp32 linear layers through oneDNN (CPU)
+
+def onednn_gemm(x, w, bias=None):
+    """x (M, K) @ w (N, K)^T (+ bias) as a 1x1 convolution over M positions, x and the result viewed in NHWC without
+    a copy. PyTorch sends fp32 matmuls to MKL's sgemm, which on AMD CPUs runs well below oneDNN's convolution
+    kernels (README, Speed)."""
+    x = x.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    out = F.conv2d(x.view(1, M, 1, K).permute(0, 3, 1, 2), w.view(N, K, 1, 1), bias)  # (1, N, M, 1) channels_last
+    return out.permute(0, 2, 3, 1).reshape(M, N)
+
+
+class OneDNNLinearFn(torch.autograd.Function):
+    """F.linear on the CPU in fp32 through onednn_gemm, forward and input gradient; the weight's gradient (only the
+    trainable ControlNet needs one) is a plain matmul."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2 if weight.requires_grad else None, weight)
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return onednn_gemm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gx = onednn_gemm(g, weight.t().contiguous()).view(*grad.shape[:-1], -1) if ctx.needs_input_grad[0] else None
+        gw = g.t() @ x2 if ctx.needs_input_grad[1] else None
+        return gx, gw, g.sum(0) if ctx.bias_grad else None
+
+
+def linear(x, weight, bias=None):
+    """F.linear, through oneDNN for fp32 CPU inputs of enough rows (below ~64 rows MKL is as fast)."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() >= 64 * x.shape[-1] \
+            and not torch.is_autocast_enabled("cpu"):
+        return OneDNNLinearFn.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class FastLinear(nn.Linear):
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+# -----------------------------------------------------------------------------
 # nearest 2x upsampling + 3x3 conv as four 2x2 convs (CPU)
 
 # Which input row each tap of a 3x3 kernel reads after a 2x nearest upsampling, per output phase: an even output
@@ -237,13 +285,13 @@ class TokenSpatialTransformer(unet.SpatialTransformer):
     def forward(self, x, context):
         B, C, H, W = x.shape
         # (B, C, H, W) -> (B, H*W, C) once; the 1x1 convs are linear layers on the tokens
-        h = F.linear(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C), self.proj_in.weight.view(C, C),
-                     self.proj_in.bias)
+        h = linear(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C), self.proj_in.weight.view(C, C),
+                   self.proj_in.bias)
         features = []
         for block in self.transformer_blocks:
             h, a = block(h, context)
             features.append(a)
-        h = F.linear(h, self.proj_out.weight.view(C, C), self.proj_out.bias)
+        h = linear(h, self.proj_out.weight.view(C, C), self.proj_out.bias)
         as_map = lambda tokens: tokens.view(B, H, W, C).permute(0, 3, 1, 2)  # noqa: E731 (a channels_last view)
         return x + as_map(h), as_map(features[0])
 
@@ -270,8 +318,8 @@ class TokenAttnBlock(model.AttnBlock):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, 1, H * W, C)  # a view when the map is channels_last
-        q, k, v = (F.linear(h, p.weight.view(C, C), p.bias) for p in (self.q, self.k, self.v))
-        out = F.linear(F.scaled_dot_product_attention(q, k, v), self.proj_out.weight.view(C, C), self.proj_out.bias)
+        q, k, v = (linear(h, p.weight.view(C, C), p.bias) for p in (self.q, self.k, self.v))
+        out = linear(F.scaled_dot_product_attention(q, k, v), self.proj_out.weight.view(C, C), self.proj_out.bias)
         return x + out.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
@@ -578,7 +626,7 @@ class GraphedControlNet(controlnet.ControlNet):
 # -----------------------------------------------------------------------------
 # the switch
 
-SWAPS = {nn.Conv2d: FastConv2d, reward.StdConv2d: LeanStdConv2d, unet.Upsample: FastUpsample,
+SWAPS = {nn.Conv2d: FastConv2d, nn.Linear: FastLinear, reward.StdConv2d: LeanStdConv2d, unet.Upsample: FastUpsample,
          unet.SpatialTransformer: TokenSpatialTransformer, unet.Attention: FastAttention, unet.GEGLU: LeanGEGLU,
          nn.GroupNorm: FastGroupNorm, reward.GroupNormAct: FastBitGroupNormAct, model.ResnetBlock: LeanResnetBlock,
          model.AttnBlock: TokenAttnBlock, unet.UNet: GraphedUNet, controlnet.ControlNet: GraphedControlNet}

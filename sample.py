@@ -428,8 +428,7 @@ def main(argv=None):
                 weights=os.path.basename(os.path.normpath(weights)), cond=os.path.basename(args.cond),
                 controlnet=os.path.basename(os.path.normpath(cn_path)), size=f"{images[0].width}x{images[0].height}",
                 dtype=args.dtype)
-    root, ext = os.path.splitext(args.out)
-    ext = ext or ".png"
+    root, ext = os.path.splitext(args.out)[0], os.path.splitext(args.out)[1] or ".png"
     paths = [root + ext] if len(images) == 1 else [f"{root}_{i}{ext}" for i in range(len(images))]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for i, (image, path) in enumerate(zip(images, paths)):

@@ -61,10 +61,12 @@ from probe import Probe, ProbeConfig, probe_output01
 # evaluations go two at a time, one single-threaded process per core.
 PRESET = dict(
     size=64, n_train=1500, n_test=128, seeds=(0, 1, 2), device="cpu",
-    vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0,
+    vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0, vae_kl=1e-2,
     unet_ch=32, unet_res_blocks=1, unet_heads=2, base_steps=1000, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
+    base_snr_gamma=5.0,  # Min-SNR-gamma weighting of the base model's loss (train.min_snr_weight)
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
     controlnet_steps=1000, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.5,
+    controlnet_snr_gamma=5.0,
     probe_steps=200, probe_batch=16, probe_lr=1e-3, probe_loss="auto",  # see probe_loss()
     finetune_steps=150, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
     eval_steps=10, guidance=3.0, eval_seed=0, save_every=100, log_every=10,
@@ -123,12 +125,12 @@ def preset():
 
 STAGES = {  # stage: (the preset entries that change its result, the stages it reads)
     "data": (("size", "n_train", "n_test"), ()),
-    "vae": (("vae_ch", "vae_mult", "vae_steps", "vae_batch", "vae_lr", "vae_object_weight"), ("data",)),
-    "base": (("unet_ch", "unet_res_blocks", "unet_heads", "base_steps", "base_batch", "base_lr", "caption_dropout"),
-             ("vae",)),
+    "vae": (("vae_ch", "vae_mult", "vae_steps", "vae_batch", "vae_lr", "vae_object_weight", "vae_kl"), ("data",)),
+    "base": (("unet_ch", "unet_res_blocks", "unet_heads", "base_steps", "base_batch", "base_lr", "caption_dropout",
+              "base_snr_gamma"), ("vae",)),
     "annotators": (("annotator_width", "annotator_steps", "annotator_batch", "annotator_lr"), ("data",)),
-    "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr", "controlnet_ema", "controlnet_empty_prompts"),
-                   ("base", "annotators")),
+    "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr", "controlnet_ema",
+                    "controlnet_empty_prompts", "controlnet_snr_gamma"), ("base", "annotators")),
     "probe": (("probe_steps", "probe_batch", "probe_lr", "probe_loss"), ("controlnet",)),
     "finetune": (("finetune_steps", "finetune_batch", "finetune_lr", "finetune_ema", "finetune_args"), ("probe",)),
     "eval": (("eval_steps", "guidance", "eval_seed", "seeds"), ("finetune",)),
@@ -371,8 +373,9 @@ def stage_vae(root, P, cfg, control, images, objects):
             g = torch.Generator(dev).manual_seed(step)
             rec = vae.decode(mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g, device=dev))
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-            # L1 + MSE keeps edges sharper than MSE alone; a small KL keeps the latent space smooth
-            return ((rec - x).abs() + (rec - x).pow(2)).mul(w).sum() / (w.sum() * 3) + 1e-4 * kl
+            # L1 + MSE keeps edges sharper than MSE alone; the KL keeps the latent space smooth, which the base
+            # model learns far faster than a sharper, rougher one (README)
+            return ((rec - x).abs() + (rec - x).pow(2)).mul(w).sum() / (w.sum() * 3) + P["vae_kl"] * kl
 
         loss, step_time = fit(d, [vae], loss_fn, P["vae_steps"], P["vae_lr"], P["save_every"], desc="vae",
                               cosine=True)
@@ -427,7 +430,8 @@ def stage_base(root, P, cfg, control, tokenizer, vae, images, texts):
         tok[drop] = empty
         t = torch.randint(0, 1000, (len(idx),), generator=g, device=dev)
         eps = torch.randn(x0.shape, generator=g, device=dev)
-        return F.mse_loss(sd.unet(sd.schedule.add_noise(x0, eps, t), t, sd.text_encoder(tok)), eps)
+        err = (sd.unet(sd.schedule.add_noise(x0, eps, t), t, sd.text_encoder(tok)) - eps).pow(2).flatten(1).mean(1)
+        return (err * train.min_snr_weight(sd, t, P["base_snr_gamma"])).mean()
 
     loss, step_time = fit(d, [sd.unet, sd.text_encoder], loss_fn, P["base_steps"], P["base_lr"], P["save_every"],
                           desc="base")
@@ -537,8 +541,8 @@ def stage_controlnet(root, P, sd, reward_model, train_dir, control):
         widths = HINT_BLOCK_CHANNELS[:2 * int(math.log2(sd.vae.cfg.factor)) + 1]
         _, seconds = run_train_stage(d, P, sd, ControlNet.from_unet(sd.unet, 3, widths), None, reward_model, train_dir,
                                      "controlnet", "finetune", control, P["controlnet_steps"], P["controlnet_batch"],
-                                     P["controlnet_lr"], 0, ("--ema",) * P["controlnet_ema"],
-                                     P["controlnet_empty_prompts"])
+                                     P["controlnet_lr"], 0, ("--ema",) * P["controlnet_ema"] +
+                                     ("--snr-gamma", str(P["controlnet_snr_gamma"])), P["controlnet_empty_prompts"])
         mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
     return os.path.join(d, "controlnet.safetensors")
 

@@ -76,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--t-reward", type=int, default=None, help="reward loss where t <= this (per-control default)")
     p.add_argument("--t-align-min", type=int, default=0)
     p.add_argument("--t-align-max", type=int, default=920)
+    p.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma weighting of L_diff (0: off)")
     p.add_argument("--probe-loss", choices=["control", "alignment"], default="control", help="--stage probe: "
                    "against the ControlNet's input (Readout Guidance), or the alignment loss's own comparison")
     p.add_argument("--num-workers", type=int, default=2)
@@ -113,6 +114,13 @@ def per_sample_mse(a, b):
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
+def min_snr_weight(sd, t, gamma):
+    """Min-SNR-gamma (Hang et al. 2023): weight min(SNR, gamma) / SNR on the eps loss, so the many easy low-noise
+    steps stop drowning the high-noise ones, where the layout is decided. 1 for gamma 0 (the papers' loss)."""
+    abar = sd.schedule.alphas_cumprod[t].float()
+    return (gamma * (1 - abar) / abar).clamp(max=1) if gamma else 1.0  # min(SNR, gamma) / SNR, SNR = abar / (1-abar)
+
+
 def reward_loss(models, x_t, eps_hat, t, label, rows, count):
     """ControlNet++ (sec. 3.2): one-step x0 estimate -> VAE decode -> reward model -> MSE against the label.
 
@@ -123,7 +131,7 @@ def reward_loss(models, x_t, eps_hat, t, label, rows, count):
         return eps_hat.sum() * 0.0
     rows = rows.to(x_t.device, non_blocking=True)
     x0 = models.sd.schedule.x0_from_eps(x_t[rows], eps_hat[rows], t[rows])
-    image = ((models.sd.vae.decode_latents(x0.to(models.vae_dtype)) + 1) / 2).clamp(0, 1)
+    image = ((models.sd.vae.decode_latents(x0.to(models.compute_dtype)) + 1) / 2).clamp(0, 1)
     pred = reward.reward_prediction(models.control, models.reward_model, image)
     return masked_mean(per_sample_mse(reward.resize(pred.float(), label.shape[-2:]), label[rows]), count)
 
@@ -148,7 +156,7 @@ def training_step(models, batch, t, noise, latent_noise, args, counts):
     batch per loss (host numbers), so micro-steps and processes add up exactly."""
     sd, dev = models.sd, models.device
     with torch.no_grad():
-        image = batch["image"].to(dev, models.vae_dtype, non_blocking=True)
+        image = batch["image"].to(dev, models.compute_dtype, non_blocking=True)
         latents = sd.vae.encode_latents(image, latent_noise).float()
         context = sd.encode_prompt(batch["text"]).to(models.compute_dtype)
         control = batch["control"] if batch["control"] is None else batch["control"].to(dev, non_blocking=True)
@@ -173,7 +181,8 @@ def training_step(models, batch, t, noise, latent_noise, args, counts):
             pred01 = probe_output01(models.probe(features).float(), size=control.shape[-2:])
         return {"probe": masked_mean(per_sample_mse(pred01, control), counts["all"])}
 
-    losses = {"diffusion": masked_mean(per_sample_mse(eps_hat, noise), counts["all"])}
+    diffusion = per_sample_mse(eps_hat, noise) * min_snr_weight(sd, t_dev, args.snr_gamma)
+    losses = {"diffusion": masked_mean(diffusion, counts["all"])}
     if args.method in ("controlnet++", "innercontrol"):
         rows = torch.nonzero(t <= args.t_reward).flatten()
         losses["reward"] = args.lambda_reward * reward_loss(models, x_t, eps_hat, t_dev, label, rows, counts["reward"])
@@ -203,9 +212,7 @@ def draw_noise(args, models, step, micro, rank, world_size, n):
     B, hw = args.batch_size, args.resolution // models.sd.vae.cfg.factor
     g = torch.Generator(models.device).manual_seed(args.seed * 7919 + step * 131 + micro)
     shape = (B * world_size, models.sd.unet.config.in_channels, hw, hw)
-    noise, latent_noise = (torch.randn(shape, generator=g, device=models.device)[rank * B:rank * B + n]
-                           for _ in range(2))
-    return noise, latent_noise
+    return tuple(torch.randn(shape, generator=g, device=models.device)[rank * B:rank * B + n] for _ in range(2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,12 +226,8 @@ class Models:
         self.reward_model, self.annotator, self.control = reward_model, annotator, args.control
         self.device = torch.device(args.device)
         self.compute_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-        self.vae_dtype = self.compute_dtype
         fused.install(sd, controlnet, reward_model, annotator)  # faster layers, same function (fused.py)
-        frozen = [sd.unet, sd.vae, sd.text_encoder, reward_model, annotator]
-        if args.stage == "finetune":
-            frozen.append(probe)
-        for m in frozen:
+        for m in [sd.unet, sd.vae, sd.text_encoder, reward_model, annotator] + [probe] * (args.stage == "finetune"):
             if m is not None:
                 m.requires_grad_(False).eval().to(self.device, self.compute_dtype)
         controlnet.to(self.device, torch.float32).train()
@@ -235,9 +238,8 @@ class Models:
             controlnet.grad_checkpointing = sd.unet.grad_checkpointing = sd.vae.decoder.grad_checkpointing = True
 
     def autocast(self):
-        if self.compute_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        fp32 = self.compute_dtype == torch.float32
+        return nullcontext() if fp32 else torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def trainable(self):
         return self.probe if self.args.stage == "probe" else self.controlnet

@@ -207,7 +207,6 @@ def unet_layout(cfg):
         10  res 1280 -> 1280               10  res  640 -> 320,  attn
         11  res 1280 -> 1280               11  res  640 -> 320,  attn
         middle_block: res 1280 -> 1280, attn, res 1280 -> 1280
-
     """
     mc, levels = cfg.model_channels, len(cfg.channel_mult)
     inputs, skips, ch = [[("conv", cfg.in_channels, mc)]], [mc], mc

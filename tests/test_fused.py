@@ -219,6 +219,29 @@ def test_frozen_linear_keeps_only_the_weight():
     assert saved_storage_bytes(lambda: lin(x), lin)[0] >= x.numel() * 4
 
 
+@pytest.mark.parametrize("shape,onednn", [((2, 40, 48), True), ((70, 48), True), ((2, 20, 48), False)])
+@pytest.mark.parametrize("trainable,bias", [(True, True), (False, True), (False, False)])
+def test_linear_through_onednn(shape, onednn, trainable, bias, monkeypatch):
+    """fp32 linear layers on the CPU with at least 64 rows go through oneDNN's 1x1 convolution, forward and input
+    gradient, with the same result; with the weight frozen only the weight is kept for the backward, as autograd
+    does for a plain linear layer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 24, bias=bias).requires_grad_(trainable)
+    used, gemm = [], fused.onednn_gemm
+    monkeypatch.setattr(fused, "onednn_gemm", lambda *a: used.append(1) or gemm(*a))
+    fast = swapped(lin)
+    assert type(fast) is fused.FastLinear
+    same_function(fast, lin, torch.randn(*shape))
+    same_function(fast, lin, torch.randn(shape[-1], *shape[:-1]).movedim(0, -1))  # rows not contiguous
+    assert bool(used) == onednn
+    x = torch.randn(*shape, requires_grad=True)
+    n, _ = saved_storage_bytes(lambda: fast(x), fast)
+    assert (n == 0) != trainable
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls already run in oneDNN: the plain path
+        used.clear()
+        assert fast(x).dtype == torch.bfloat16 and not used
+
+
 @pytest.fixture
 def recompute(monkeypatch):
     """The recomputing paths switched on here, as on CUDA."""

@@ -98,6 +98,28 @@ def test_x0_estimate_inverts_add_noise():
     torch.testing.assert_close(s.x0_from_eps(x_t, eps, t), x0, rtol=0, atol=1e-9)
 
 
+def test_min_snr_weighting(world, monkeypatch):
+    """--snr-gamma g weighs each sample's diffusion loss by min(SNR_t, g) / SNR_t (Hang et al. 2023), SNR_t =
+    abar_t / (1 - abar_t); without it every sample weighs 1, the papers' loss."""
+    s = model.NoiseSchedule()
+    abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+    t = torch.tensor([0, 50, 300, 600, 999])
+    snr = abar[t] / (1 - abar[t])
+    w = train.min_snr_weight(type("SD", (), {"schedule": s})(), t, 5.0)
+    torch.testing.assert_close(w, (torch.minimum(snr, torch.tensor(5.0)) / snr).float())
+    assert w[0] < 0.01 and w[-1] == 1.0  # the low-noise steps are the ones turned down
+    mse, per_sample = [], train.per_sample_mse
+    monkeypatch.setattr(train, "per_sample_mse", lambda a, b: mse.append(per_sample(a, b)) or mse[-1])
+    n, losses = torch.randn(5, 4, 8, 8), {}
+    for gamma, weight in (("0", 1.0), ("5", w)):
+        args, models = make_models(world, "--method", "controlnet", "--snr-gamma", gamma)
+        mse.clear()
+        losses[gamma] = train.training_step(models, fake_batch(5), t, n, torch.zeros_like(n), args,
+                                            train.eligible_counts(args, t))["diffusion"].item()
+        assert losses[gamma] == pytest.approx((mse[0] * weight).mean().item(), rel=1e-5)
+    assert losses["5"] < losses["0"]
+
+
 def test_reward_path_decodes_only_eligible_rows(world):
     args, models = make_models(world, "--method", "controlnet++")
     rows_decoded = []

@@ -430,7 +430,7 @@ def stage_base(root, P, cfg, control, tokenizer, vae, images, texts):
         tok[drop] = empty
         t = torch.randint(0, 1000, (len(idx),), generator=g, device=dev)
         eps = torch.randn(x0.shape, generator=g, device=dev)
-        err = (sd.unet(sd.schedule.add_noise(x0, eps, t), t, sd.text_encoder(tok)) - eps).pow(2).flatten(1).mean(1)
+        err = train.per_sample_mse(sd.unet(sd.schedule.add_noise(x0, eps, t), t, sd.text_encoder(tok)), eps)
         return (err * train.min_snr_weight(sd, t, P["base_snr_gamma"])).mean()
 
     loss, step_time = fit(d, [sd.unet, sd.text_encoder], loss_fn, P["base_steps"], P["base_lr"], P["save_every"],

@@ -95,6 +95,8 @@ def parse_args(argv=None):
     elif args.control_column:  # the ControlNet's input for edges is the annotator's output, never a given map
         p.error(f"--control {args.control} takes its labels from the image (the annotator's output); "
                 "--label-column names stored annotator outputs instead of --control-column")
+    if args.snr_gamma < 0:
+        p.error(f"--snr-gamma must be 0 (off) or positive, got {args.snr_gamma}")
     if args.lr is None:
         args.lr = 1e-3 if args.stage == "probe" else 1e-5
     return args

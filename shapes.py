@@ -60,15 +60,15 @@ from probe import Probe, ProbeConfig, probe_output01
 # 2-core Xeon are in the README). The annotators train beside the VAE and base model; the fine-tuning runs and the
 # evaluations go two at a time, one single-threaded process per core.
 PRESET = dict(
-    size=64, n_train=1500, n_test=128, seeds=(0, 1, 2), device="cpu",
+    size=64, n_train=1500, n_test=128, seeds=(0, 1), device="cpu",
     vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0, vae_kl=1e-2,
-    unet_ch=32, unet_res_blocks=1, unet_heads=2, base_steps=1000, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
+    unet_ch=64, unet_res_blocks=1, unet_heads=2, base_steps=700, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     base_snr_gamma=5.0,  # Min-SNR-gamma weighting of the base model's loss (train.min_snr_weight)
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
-    controlnet_steps=1000, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.5,
+    controlnet_steps=600, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.5,
     controlnet_snr_gamma=5.0,
     probe_steps=200, probe_batch=16, probe_lr=1e-3, probe_loss="auto",  # see probe_loss()
-    finetune_steps=150, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
+    finetune_steps=120, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
     eval_steps=10, guidance=3.0, eval_seed=0, save_every=100, log_every=10,
     workers=None,  # worker processes for the independent runs (None: one per core)
 )
@@ -911,19 +911,20 @@ def run(args):
 
 def _run(root, P, control):
     t0 = time.time()
+    cores = torch.get_num_threads()
     if "OMP_NUM_THREADS" not in os.environ and P["device"] == "cpu":
         # The ops of these small models are short, and with two threads each one waits for both: one other busy
-        # process on a 2-core machine makes a step 5-20x slower (measured). On an idle machine two threads gain at
-        # most 2x; OMP_NUM_THREADS=2 asks for them.
+        # process on a 2-core machine makes a step 5-20x slower (measured). So one thread while the annotators'
+        # worker runs beside the VAE; the base model, the ControlNet and the probe then have the machine to
+        # themselves and use every core (OMP_NUM_THREADS=1 keeps one thread throughout, for a shared machine).
         torch.set_num_threads(1)
-    n = torch.get_num_threads()
-    print(f"shapes world -> {root} (control: {control}, {P['device']}, {n} thread{'s' if n > 1 else ''})")
+    print(f"shapes world -> {root} (control: {control}, {P['device']}, {cores} thread{'s' if cores > 1 else ''})")
     train_dir, test_dir = stage_data(root, P, control)
     images, truths, objects, texts = load_arrays(train_dir, control, P["size"])
-    # stage 4 needs only the data: with a second core its annotators train beside stages 2 and 3
+    # stage 4 needs only the data: with a second core its annotators train beside stage 2
     todo, background = annotator_todo(root, P, control), None
     if todo and P["workers"] > 1:
-        print("  annotators train in a worker process beside stages 2-3 (progress in annotators/*/console.txt)",
+        print("  annotators train in a worker process beside stage 2 (progress in annotators/*/console.txt)",
               flush=True)
         background = Workers(1, [(train_annotator, (root, P, control, name, list(ANNOTATORS).index(name)))
                                  for name in todo],
@@ -933,8 +934,6 @@ def _run(root, P, control):
         tokenizer = model.Tokenizer.word_level(shapes_render.SHAPES_VOCAB, max_len=16)
         cfg = shapes_config(P, tokenizer.vocab_size, max_len=16)
         vae = stage_vae(root, P, cfg, control, images, objects)
-        sd = stage_base(root, P, cfg, control, tokenizer, vae, images, texts)
-        sd.requires_grad_(False).eval()
         if background is not None:
             background.wait()
         else:
@@ -944,6 +943,9 @@ def _run(root, P, control):
         if background is not None:
             background.stop()
         raise
+    torch.set_num_threads(cores)
+    sd = stage_base(root, P, cfg, control, tokenizer, vae, images, texts)
+    sd.requires_grad_(False).eval()
     reward_model, evaluator = load_annotators(root, P, control)
     cn_path = stage_controlnet(root, P, sd, reward_model, train_dir, control)
     probe_path = stage_probe(root, P, sd, cn_path, reward_model, train_dir, control)

@@ -62,10 +62,10 @@ from probe import Probe, ProbeConfig, probe_output01
 PRESET = dict(
     size=64, n_train=1500, n_test=128, seeds=(0, 1), device="cpu",
     vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0, vae_kl=1e-2,
-    unet_ch=64, unet_res_blocks=1, unet_heads=2, base_steps=700, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
+    unet_ch=64, unet_res_blocks=1, unet_heads=2, base_steps=800, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     base_snr_gamma=5.0,  # Min-SNR-gamma weighting of the base model's loss (train.min_snr_weight)
     annotator_width=16, annotator_steps=250, annotator_batch=16, annotator_lr=2e-3,
-    controlnet_steps=600, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.5,
+    controlnet_steps=900, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.5,
     controlnet_snr_gamma=5.0,
     probe_steps=200, probe_batch=16, probe_lr=1e-3, probe_loss="auto",  # see probe_loss()
     finetune_steps=120, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags

@@ -56,9 +56,9 @@ from controlnet import HINT_BLOCK_CHANNELS, ControlNet
 from formats import load_controlnet, load_probe
 from probe import Probe, ProbeConfig, probe_output01
 
-# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (stage times measured on a
-# 2-core Xeon are in the README). The annotators train beside the VAE and base model; the fine-tuning runs and the
-# evaluations go two at a time, one single-threaded process per core.
+# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (stage times in the
+# README). The annotators train beside the VAE; the fine-tuning runs and the evaluations go two at a time, one
+# single-threaded process per core; the other stages use every core.
 PRESET = dict(
     size=64, n_train=1500, n_test=128, seeds=(0, 1), device="cpu",
     vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0, vae_kl=1e-2,
@@ -194,8 +194,8 @@ def shapes_config(P, vocab_size, max_len):
     text encoder sized for the caption vocabulary, a VAE of width vae_ch that halves the size len(vae_mult) - 1
     times (4x: 64 px -> 16x16)."""
     cfg = model.tiny()
-    # two heads, not SD's eight: at 32 channels eight heads are 4 wide, and attention over the 256 tokens of the
-    # 16x16 level costs a quarter of a step
+    # two heads, not SD's eight: narrow heads make the attention over the 256 tokens of the 16x16 level costly
+    # (at width 32, eight heads 4 wide took a quarter of a step)
     cfg.unet.model_channels, cfg.unet.num_res_blocks, cfg.unet.num_heads = P["unet_ch"], P["unet_res_blocks"], \
         P["unet_heads"]
     cfg.text = model.TextConfig(vocab_size=vocab_size, width=64, layers=2, heads=2, max_len=max_len, mlp_dim=128)

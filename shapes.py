@@ -918,7 +918,8 @@ def _run(root, P, control):
         # worker runs beside the VAE; the base model, the ControlNet and the probe then have the machine to
         # themselves and use every core (OMP_NUM_THREADS=1 keeps one thread throughout, for a shared machine).
         torch.set_num_threads(1)
-    print(f"shapes world -> {root} (control: {control}, {P['device']}, {cores} thread{'s' if cores > 1 else ''})")
+    print(f"shapes world -> {root} (control: {control}, {P['device']}, {cores} thread{'s' if cores > 1 else ''} "
+          f"for stages 3, 5, 6)")
     train_dir, test_dir = stage_data(root, P, control)
     images, truths, objects, texts = load_arrays(train_dir, control, P["size"])
     # stage 4 needs only the data: with a second core its annotators train beside stage 2

@@ -209,9 +209,23 @@ def onednn_gemm(x, w, bias=None):
     return out.permute(0, 2, 3, 1).reshape(M, N)
 
 
+def onednn_gemm_grads(g, x, weight, need_x, need_w):
+    """The gradients of onednn_gemm(x, weight) for the output's gradient g (M, N): g @ weight (M, K) and
+    g^T @ x (N, K), from oneDNN's 1x1-convolution backward, which at these shapes beats MKL's sgemm and needs no
+    transposed copy of the weight (README, Speed). x is only read for the weight's gradient."""
+    M, (N, K) = g.shape[0], weight.shape
+
+    def as_map(a, C):  # (M, C) rows as a channels-last (1, C, M, 1) map, as in onednn_gemm
+        return a.contiguous().view(1, M, 1, C).permute(0, 3, 1, 2)
+    x = as_map(x, K) if need_w else g.new_empty(1, M, 1, K).permute(0, 3, 1, 2)  # only its shape is used
+    gx, gw, _ = torch.ops.aten.convolution_backward(as_map(g, N), x, weight.reshape(N, K, 1, 1), None, [1, 1], [0, 0],
+                                                    [1, 1], False, [0, 0], 1, [need_x, need_w, False])
+    return gx.permute(0, 2, 3, 1).reshape(M, K) if need_x else None, gw.view(N, K) if need_w else None
+
+
 class OneDNNLinearFn(torch.autograd.Function):
-    """F.linear on the CPU in fp32 through onednn_gemm, forward and input gradient; the weight's gradient (only the
-    trainable ControlNet needs one) is a plain matmul."""
+    """F.linear on the CPU in fp32 through oneDNN's 1x1 convolution: forward, input gradient and (only the
+    trainable ControlNet needs one) weight gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -224,9 +238,8 @@ class OneDNNLinearFn(torch.autograd.Function):
     def backward(ctx, grad):
         x2, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        gx = onednn_gemm(g, weight.t().contiguous()).view(*grad.shape[:-1], -1) if ctx.needs_input_grad[0] else None
-        gw = g.t() @ x2 if ctx.needs_input_grad[1] else None
-        return gx, gw, g.sum(0) if ctx.bias_grad else None
+        gx, gw = onednn_gemm_grads(g, x2, weight, *ctx.needs_input_grad[:2])
+        return gx if gx is None else gx.view(*grad.shape[:-1], -1), gw, g.sum(0) if ctx.bias_grad else None
 
 
 def linear(x, weight, bias=None):

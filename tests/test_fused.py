@@ -242,6 +242,17 @@ def test_linear_through_onednn(shape, onednn, trainable, bias, monkeypatch):
         assert fast(x).dtype == torch.bfloat16 and not used
 
 
+@pytest.mark.parametrize("need_x,need_w", [(True, True), (True, False), (False, True)])
+def test_gemm_grads_through_onednn(need_x, need_w):
+    """onednn_gemm's two gradients from oneDNN's convolution backward, for rows that are not contiguous too."""
+    torch.manual_seed(0)
+    M, N, K = 300, 24, 18
+    g, x, weight = torch.randn(M, N), torch.randn(K, M).t(), torch.randn(N, K)
+    gx, gw = fused.onednn_gemm_grads(g, x, weight, need_x, need_w)
+    for out, ref, need in ((gx, g.double() @ weight.double(), need_x), (gw, g.double().t() @ x.double(), need_w)):
+        assert out is None if not need else (out.shape == ref.shape and (out - ref).abs().max() < 1e-5 * ref.abs().max())
+
+
 @pytest.fixture
 def recompute(monkeypatch):
     """The recomputing paths switched on here, as on CUDA."""

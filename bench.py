@@ -558,6 +558,8 @@ def train_worker(spec):
     except OSError:
         pass
     cuda = spec["device"] == "cuda"
+    if not cuda:  # both sides under the malloc settings train.py makes on the CPU (INNERCONTROL_KEEP_MEMORY=0: neither)
+        spec["keeps_memory"] = fused.keep_freed_memory()
     t0 = time.perf_counter()
     models = build_train_models(spec["config"], spec["device"])
     start = {k: v.detach().cpu().clone() for k, v in models[1].state_dict().items()}
@@ -587,7 +589,7 @@ def train_worker(spec):
         print(json.dumps(dict(method=method, build_s=build_s, times=times, median=statistics.median(times[1:]),
                               losses=losses, base_gb=base / 2 ** 30, peak_gb=peak / 2 ** 30,
                               reserved_gb=reserved / 2 ** 30, step_gb=(peak - base) / 2 ** 30,
-                              threads=torch.get_num_threads())), flush=True)
+                              threads=torch.get_num_threads(), keeps_memory=spec.get("keeps_memory"))), flush=True)
         del step
         gc.collect()
 
@@ -640,7 +642,8 @@ def train_bench(name, method, reps, precision="fp16"):
     return line(name, ours["median"], ref["median"], f"first-step losses agree to {worst:.1e}",
                 f"batch {len(setup['timesteps'])} in {setup['micro']} micro-batches, {setup['config']}, "
                 f"{setup['resolution']} px, precision {setup['precision']}",
-                f"{ours['threads']} threads" if DEVICE.type == "cpu" else torch.cuda.get_device_name(),
+                f"{ours['threads']} threads, freed memory kept: {ours['keeps_memory'] and ref['keeps_memory']}"
+                if DEVICE.type == "cpu" else torch.cuda.get_device_name(),
                 f"step memory ours {ours['step_gb']:.2f} GB, reference {ref['step_gb']:.2f} GB "
                 f"(whole process {ours['peak_gb']:.2f} / {ref['peak_gb']:.2f} GB {kind})",
                 f"memory ratio {ours['step_gb'] / ref['step_gb']:.3f}")

@@ -18,13 +18,15 @@ On any device:
   scaled_dot_product_attention's fused kernels take (the UNet's heads are views of that layout, no copies).
 On the CPU:
 - FrozenConv2dFn's input gradient is a forward convolution with the flipped kernel (stride 1).
-- FastConv2d: wide 3x3 convs on small maps run as im2col + one GEMM with the batch folded in, forward and
-  backward, where oneDNN's direct convolution reuses each weight at too few positions.
+- FastConv2d: 3x3 convs with large weights (SD1.5's 1280-channel levels) on maps of at most 8x8 run as im2col +
+  one GEMM with the batch folded in, forward and backward: there oneDNN's direct convolution slows down several
+  times over (everywhere else it is the faster one).
 - FastUpsample: 2x nearest upsampling + 3x3 conv as four 2x2 convs on the small map.
 - FastAttention: heads laid out contiguously before scaled_dot_product_attention.
 - FastLinear (and the token paths' projections): fp32 linear layers of 64 rows or more as oneDNN 1x1
   convolutions, forward and input gradient, instead of MKL's sgemm.
-- ChannelsLastSequential: the ControlNet's hint encoder in NHWC (few channels, image-sized maps).
+- ChannelsLastSequential, ChannelsLastEncoder: the ControlNet's hint encoder and the VAE encoder in NHWC
+  (image-sized maps).
 On CUDA:
 - NormActSequential, LeanResnetBlock: GroupNorm + SiLU in one autograd function that keeps only the norm's input
   and recomputes the normalised map in the backward (autograd keeps both).
@@ -36,6 +38,8 @@ On CUDA, in fp16/bf16 (autocast or half weights):
 - convolutions in channels_last (NHWC), cuDNN's tensor-core layout; frozen weights are laid out once, in place.
 - GroupNorm on NHWC maps without a round trip through NCHW (PyTorch's CUDA kernel takes NCHW only).
 """
+import ctypes
+import ctypes.util
 import os
 import warnings
 import weakref
@@ -179,15 +183,17 @@ class GemmConv3x3Fn(torch.autograd.Function):
 
 
 class FastConv2d(LeanConv2d):
-    """LeanConv2d that runs wide 3x3 convs on small maps as im2col + one GEMM on the CPU. On narrow layers oneDNN
-    is faster, hence the two thresholds (README, Speed)."""
-    gemm_max_positions = 256  # output positions per image at or below which the GEMM path is used...
-    gemm_min_channels = 256   # ...for convs with at least this many input channels
+    """LeanConv2d that runs 3x3 convs with large weights on small maps as im2col + one GEMM on the CPU: there
+    oneDNN's direct convolution slows down several times over; everywhere else it is the faster one, hence the
+    two thresholds (README, Speed)."""
+    gemm_max_positions = 64  # output positions per image at or below which the GEMM path is used...
+    gemm_min_weight = 2 ** 20  # ...for convs with at least this many (input channel, output channel) pairs
 
     def uses_gemm(self, device, out_positions):
         return device.type == "cpu" and self.kernel_size == (3, 3) and self.padding == (1, 1) and self.groups == 1 \
             and self.dilation == (1, 1) and self.stride[0] == self.stride[1] and self.padding_mode == "zeros" \
-            and self.in_channels >= self.gemm_min_channels and out_positions <= self.gemm_max_positions
+            and self.in_channels * self.out_channels >= self.gemm_min_weight \
+            and out_positions <= self.gemm_max_positions
 
     def forward(self, x):
         H, W = ((n - 1) // self.stride[0] + 1 for n in x.shape[2:])  # the output's size
@@ -341,6 +347,16 @@ class ChannelsLastSequential(nn.Sequential):
         if x.device.type == "cpu":  # few channels on image-sized maps: oneDNN's NHWC kernels are faster there
             x = x.contiguous(memory_format=torch.channels_last)
         return super().forward(x)
+
+
+class ChannelsLastEncoder(model.Encoder):
+    """The VAE encoder in NHWC on the CPU, where oneDNN's convolutions on its image-sized maps are faster; the
+    latents come back in NCHW. (The decoder stays in NCHW: its upsamplings lose in NHWC what its convs gain.)"""
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 # -----------------------------------------------------------------------------
@@ -637,12 +653,34 @@ class GraphedControlNet(controlnet.ControlNet):
 
 
 # -----------------------------------------------------------------------------
+# the CPU allocator
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt() parameter numbers (malloc.h)
+
+
+def keep_freed_memory():
+    """Let glibc's malloc keep the memory a training step frees, for the next step to reuse. PyTorch's CPU tensors
+    come straight from malloc, and glibc serves large blocks (over 32 MB always) with fresh mmap()s and hands
+    freed heap tops back to the kernel: each step's activations are then page-faulted and zeroed anew (README,
+    Speed). With mmap and trimming off, they are not. Process-wide and not undone; the peak memory is the same,
+    it is just not returned between steps. Returns whether it applied (glibc only; not with INNERCONTROL_PLAIN=1
+    or INNERCONTROL_KEEP_MEMORY=0)."""
+    if os.environ.get("INNERCONTROL_PLAIN", "") not in ("", "0") or os.environ.get("INNERCONTROL_KEEP_MEMORY") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt)
+        return False
+
+
+# -----------------------------------------------------------------------------
 # the switch
 
 SWAPS = {nn.Conv2d: FastConv2d, nn.Linear: FastLinear, reward.StdConv2d: LeanStdConv2d, unet.Upsample: FastUpsample,
          unet.SpatialTransformer: TokenSpatialTransformer, unet.Attention: FastAttention, unet.GEGLU: LeanGEGLU,
          nn.GroupNorm: FastGroupNorm, reward.GroupNormAct: FastBitGroupNormAct, model.ResnetBlock: LeanResnetBlock,
-         model.AttnBlock: TokenAttnBlock, unet.UNet: GraphedUNet, controlnet.ControlNet: GraphedControlNet}
+         model.AttnBlock: TokenAttnBlock, model.Encoder: ChannelsLastEncoder, unet.UNet: GraphedUNet, controlnet.ControlNet: GraphedControlNet}
 
 
 def norm_then_silu(m):

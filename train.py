@@ -229,6 +229,8 @@ class Models:
         self.device = torch.device(args.device)
         self.compute_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
         fused.install(sd, controlnet, reward_model, annotator)  # faster layers, same function (fused.py)
+        if self.device.type == "cpu":
+            fused.keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in anew
         for m in [sd.unet, sd.vae, sd.text_encoder, reward_model, annotator] + [probe] * (args.stage == "finetune"):
             if m is not None:
                 m.requires_grad_(False).eval().to(self.device, self.compute_dtype)

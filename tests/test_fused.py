@@ -1,6 +1,9 @@
 """fused.py: every faster layer computes what the plain layer computes, forward and gradient; install() swaps
 them in without touching parameters or keys."""
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ import fused
 import model
 import unet
 from util import max_rel_err, randomize_
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def saved_bytes(fn, module=None):
@@ -53,10 +58,17 @@ def swapped(module):
 
 # -- convolutions ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cin,stride,hw,gemm", [(256, 1, 8, True), (256, 2, 16, True), (256, 2, 15, True),
-                                                (64, 1, 8, False), (256, 1, 32, False)])
+def gemm_from(monkeypatch, pairs):
+    """FastConv2d's GEMM path for convs of at least `pairs` (in, out) channel pairs: at test widths (SD1.5's
+    threshold, 2**20, would leave every small test conv on the direct path)."""
+    monkeypatch.setattr(fused.FastConv2d, "gemm_min_weight", pairs)
+
+
+@pytest.mark.parametrize("cin,stride,hw,gemm", [(256, 1, 6, True), (256, 2, 12, True), (256, 2, 13, True),
+                                                (64, 1, 6, False), (256, 1, 8, False), (256, 1, 32, False)])
 @pytest.mark.parametrize("trainable", [True, False])
 def test_gemm_conv_matches_conv2d(cin, stride, hw, gemm, trainable, monkeypatch):
+    gemm_from(monkeypatch, 256 * 32)  # wide layers (256 -> 32 here) on maps of at most 64 output positions
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, 32, 3, stride=stride, padding=1).requires_grad_(trainable)
     used, im2col = [], fused.im2col3x3
@@ -66,10 +78,13 @@ def test_gemm_conv_matches_conv2d(cin, stride, hw, gemm, trainable, monkeypatch)
     assert bool(used) == gemm  # wide layers on small maps only
 
 
-def test_gemm_conv_under_bf16_autocast():
+def test_gemm_conv_under_bf16_autocast(monkeypatch):
+    gemm_from(monkeypatch, 256 * 32)
     torch.manual_seed(0)
     conv = nn.Conv2d(256, 32, 3, padding=1)
     fast = swapped(conv)
+    used, im2col = [], fused.im2col3x3
+    monkeypatch.setattr(fused, "im2col3x3", lambda *a: used.append(1) or im2col(*a))
     x = torch.randn(2, 256, 8, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, ref = fast(x), conv(x)
@@ -79,6 +94,7 @@ def test_gemm_conv_under_bf16_autocast():
     assert gx.dtype == x.dtype and gw.dtype == conv.weight.dtype
     for g, g_ref in ((y, ref), (gx, gx_ref), (gw, gw_ref)):
         assert (g.float() - g_ref.float()).norm() <= 0.02 * g_ref.float().norm()
+    assert used
 
 
 @pytest.mark.parametrize("k,stride,padding,groups", [(3, 1, 1, 1), (1, 1, 0, 1), (2, 1, 0, 1), (3, 1, 0, 1),
@@ -112,9 +128,10 @@ def test_frozen_conv_under_bf16_autocast():
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("cin,hw,gemm", [(8, (5, 7), False), (256, (4, 6), True)])
+@pytest.mark.parametrize("cin,hw,gemm", [(8, (5, 7), False), (256, (3, 4), True), (256, (4, 6), False)])
 @pytest.mark.parametrize("trainable", [True, False])
 def test_upsample_as_four_convs(cin, hw, gemm, trainable, monkeypatch):
+    gemm_from(monkeypatch, 256 * 256)
     torch.manual_seed(0)
     up = unet.Upsample(cin).requires_grad_(trainable)
     with torch.no_grad():
@@ -156,13 +173,27 @@ def test_controlnet_with_channels_last_hint_encoder():
     same_function(lambda *a: fast(*a), lambda *a: net(*a), x, t, ctx, hint)
 
 
+def test_vae_encoder_in_channels_last():
+    vae = randomize_(model.VAE(model.VAEConfig(ch=32, ch_mult=(1, 2), norm_groups=8)))
+    fast = swapped(vae)
+    assert type(fast.encoder) is fused.ChannelsLastEncoder
+    seen = []
+    fast.encoder.conv_in.register_forward_hook(lambda m, a, y: seen.append(a[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    x = torch.rand(2, 3, 24, 40) * 2 - 1
+    same_function(fast.encoder, vae.encoder, x)  # the output and the gradients of the input and the weights
+    assert seen and all(seen)  # it ran in NHWC
+    assert fast.encoder(x).is_contiguous()  # the latents come back in NCHW
+
+
 # -- the whole UNet, and the switch ------------------------------------------------------------------
 
-WIDE = unet.UNetConfig(model_channels=64, context_dim=32)  # 256 channels at levels 2-3: the GEMM path runs there
+WIDE = unet.UNetConfig(model_channels=64, context_dim=32)  # 256 channels at levels 2-3 (4x4, 2x2 maps)
 
 
 @pytest.mark.parametrize("frozen", [False, True])
 def test_unet_installed_computes_the_same(frozen, monkeypatch):
+    gemm_from(monkeypatch, 256 * 256)  # the GEMM path runs at levels 2-3
     net = randomize_(unet.UNet(WIDE)).requires_grad_(not frozen)
     used, im2col = [], fused.im2col3x3
     monkeypatch.setattr(fused, "im2col3x3", lambda *a: used.append(1) or im2col(*a))
@@ -513,3 +544,32 @@ def test_sampling_with_graphs_gives_the_same_image(cpu_graphs):
     # the fused layers sum in another order than the plain ones: on some CPUs a pixel may round to the next level
     diff = np.abs(np.asarray(graphed[0], np.int16) - np.asarray(plain[0], np.int16))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+# -- the CPU allocator -------------------------------------------------------------------------------
+
+KEEP_PROBE = """
+import torch, fused
+def rss():
+    return next(int(r.split()[1]) for r in open("/proc/self/status") if r.startswith("VmRSS:")) * 1024
+applied = fused.keep_freed_memory()
+x = torch.ones(64 * 2 ** 20)  # 256 MB, past any mmap threshold
+peak = rss()
+del x
+print(applied, (peak - rss()) / 2 ** 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc")
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_freed_memory(keep):
+    """With keep_freed_memory() a freed 256 MB tensor stays in the process (the next step reuses its pages);
+    without it glibc unmaps it at once."""
+    env = dict(os.environ, INNERCONTROL_KEEP_MEMORY="1" if keep else "0")
+    out = subprocess.run([sys.executable, "-c", KEEP_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    applied, returned_mb = out[0] == "True", float(out[1])
+    if keep and not applied:
+        pytest.skip("not glibc")
+    assert applied == keep
+    assert (returned_mb < 16) if keep else (returned_mb > 200)

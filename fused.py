@@ -186,18 +186,21 @@ class FastConv2d(LeanConv2d):
     """LeanConv2d that runs 3x3 convs with large weights on small maps as im2col + one GEMM on the CPU: there
     oneDNN's direct convolution slows down several times over; everywhere else it is the faster one, hence the
     two thresholds (README, Speed)."""
-    gemm_max_positions = 64  # output positions per image at or below which the GEMM path is used...
+    gemm_max_positions = 64  # output positions per image at or below which the GEMM path is used (fp32)...
+    gemm_max_positions_half = 256  # ...(bf16/fp16: the direct convolution's slowdown starts on larger maps)...
     gemm_min_weight = 2 ** 20  # ...for convs with at least this many (input channel, output channel) pairs
 
-    def uses_gemm(self, device, out_positions):
-        return device.type == "cpu" and self.kernel_size == (3, 3) and self.padding == (1, 1) and self.groups == 1 \
-            and self.dilation == (1, 1) and self.stride[0] == self.stride[1] and self.padding_mode == "zeros" \
-            and self.in_channels * self.out_channels >= self.gemm_min_weight \
-            and out_positions <= self.gemm_max_positions
+    def uses_gemm(self, x, out_positions):
+        autocast = torch.is_autocast_enabled("cpu")
+        half = (torch.get_autocast_dtype("cpu") if autocast else x.dtype) in (torch.bfloat16, torch.float16)
+        return x.device.type == "cpu" and self.kernel_size == (3, 3) and self.padding == (1, 1) \
+            and self.groups == 1 and self.dilation == (1, 1) and self.stride[0] == self.stride[1] \
+            and self.padding_mode == "zeros" and self.in_channels * self.out_channels >= self.gemm_min_weight \
+            and out_positions <= (self.gemm_max_positions_half if half else self.gemm_max_positions)
 
     def forward(self, x):
         H, W = ((n - 1) // self.stride[0] + 1 for n in x.shape[2:])  # the output's size
-        if self.uses_gemm(x.device, H * W):
+        if self.uses_gemm(x, H * W):
             return GemmConv3x3Fn.apply(x, self.weight, self.bias, self.stride[0])
         return super().forward(x)
 
@@ -291,7 +294,7 @@ class FastUpsample(unet.Upsample):
         H, W = x.shape[2:]
         double = size is None or tuple(size) == (2 * H, 2 * W)
         # on small maps the GEMM path on the upsampled map is faster than the phases
-        gemm = isinstance(self.conv, FastConv2d) and self.conv.uses_gemm(x.device, 4 * H * W)
+        gemm = isinstance(self.conv, FastConv2d) and self.conv.uses_gemm(x, 4 * H * W)
         if x.device.type == "cpu" and double and not gemm:
             return upsample_conv3x3(x, self.conv.weight, self.conv.bias)
         return super().forward(x, size)

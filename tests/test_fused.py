@@ -78,6 +78,20 @@ def test_gemm_conv_matches_conv2d(cin, stride, hw, gemm, trainable, monkeypatch)
     assert bool(used) == gemm  # wide layers on small maps only
 
 
+def test_gemm_rule():
+    """The GEMM path where oneDNN's direct convolution slows down: SD1.5's 1280-wide convs on maps of at most 8x8
+    (16x16 in bf16/fp16); everything narrower, or on larger maps, stays direct."""
+    def gemm(cin, cout, hw, dtype=torch.float32, autocast=False):
+        conv = nn.Conv2d(cin, cout, 3, padding=1, device="meta")
+        conv.__class__ = fused.FastConv2d
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return conv.uses_gemm(torch.empty(1, cin, hw, hw, dtype=dtype), hw * hw)
+    assert gemm(1280, 1280, 8) and gemm(2560, 1280, 4) and gemm(1920, 640, 8)
+    assert not gemm(1280, 1280, 16) and not gemm(640, 1280, 8) and not gemm(320, 320, 4)
+    assert gemm(1280, 1280, 16, torch.bfloat16) and gemm(1280, 1280, 16, autocast=True)
+    assert not gemm(1280, 1280, 32, torch.bfloat16) and not gemm(640, 640, 8, autocast=True)
+
+
 def test_gemm_conv_under_bf16_autocast(monkeypatch):
     gemm_from(monkeypatch, 256 * 32)
     torch.manual_seed(0)

@@ -27,6 +27,8 @@ On the CPU:
   convolutions, forward and input gradient, instead of MKL's sgemm.
 - ChannelsLastSequential, ChannelsLastEncoder: the ControlNet's hint encoder and the VAE encoder in NHWC
   (image-sized maps).
+- keep_freed_memory(): not a layer but a process setting, which train.py makes on the CPU: glibc's malloc keeps
+  what a training step frees for the next one, instead of the kernel faulting in fresh pages every step.
 On CUDA:
 - NormActSequential, LeanResnetBlock: GroupNorm + SiLU in one autograd function that keeps only the norm's input
   and recomputes the normalised map in the backward (autograd keeps both).
@@ -661,14 +663,15 @@ class GraphedControlNet(controlnet.ControlNet):
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt() parameter numbers (malloc.h)
 
 
-def keep_freed_memory():
+def keep_freed_memory(device="cpu"):
     """Let glibc's malloc keep the memory a training step frees, for the next step to reuse. PyTorch's CPU tensors
     come straight from malloc, and glibc serves large blocks (over 32 MB always) with fresh mmap()s and hands
     freed heap tops back to the kernel: each step's activations are then page-faulted and zeroed anew (README,
     Speed). With mmap and trimming off, they are not. Process-wide and not undone; the peak memory is the same,
-    it is just not returned between steps. Returns whether it applied (glibc only; not with INNERCONTROL_PLAIN=1
-    or INNERCONTROL_KEEP_MEMORY=0)."""
-    if os.environ.get("INNERCONTROL_PLAIN", "") not in ("", "0") or os.environ.get("INNERCONTROL_KEEP_MEMORY") == "0":
+    it is just not returned between steps. Returns whether it applied: only for a CPU `device`, with glibc, and
+    not with INNERCONTROL_PLAIN=1 or INNERCONTROL_KEEP_MEMORY=0."""
+    if torch.device(device).type != "cpu" or os.environ.get("INNERCONTROL_PLAIN", "") not in ("", "0") \
+            or os.environ.get("INNERCONTROL_KEEP_MEMORY") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

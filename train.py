@@ -229,8 +229,7 @@ class Models:
         self.device = torch.device(args.device)
         self.compute_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
         fused.install(sd, controlnet, reward_model, annotator)  # faster layers, same function (fused.py)
-        if self.device.type == "cpu":
-            fused.keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in anew
+        fused.keep_freed_memory(self.device)  # CPU: each step reuses the memory the last one freed (fused.py)
         for m in [sd.unet, sd.vae, sd.text_encoder, reward_model, annotator] + [probe] * (args.stage == "finetune"):
             if m is not None:
                 m.requires_grad_(False).eval().to(self.device, self.compute_dtype)
@@ -499,8 +498,7 @@ def build_models(args):
         if not args.probe:
             raise sample.CLIError("--method innercontrol needs --probe PATH (pre-train one with --stage probe)")
         probe = formats.load_probe(args.probe)
-    # the reward model scores decoded images (ControlNet++, InnerControl); for hed/lineart it is also the
-    # annotator that makes the labels, in every method and stage
+    # the reward model scores decoded images (ControlNet++, InnerControl); for hed/lineart it makes every label
     reward_model = None
     if (args.stage == "finetune" and args.method in ("controlnet++", "innercontrol")) or args.control != "depth":
         if not args.reward_model:

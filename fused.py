@@ -667,8 +667,8 @@ def keep_freed_memory(device="cpu"):
     """Let glibc's malloc keep the memory a training step frees, for the next step to reuse. PyTorch's CPU tensors
     come straight from malloc, and glibc serves large blocks (over 32 MB always) with fresh mmap()s and hands
     freed heap tops back to the kernel: each step's activations are then page-faulted and zeroed anew (README,
-    Speed). With mmap and trimming off, they are not. Process-wide and not undone; the peak memory is the same,
-    it is just not returned between steps. Returns whether it applied: only for a CPU `device`, with glibc, and
+    Speed). With mmap and trimming off, they are not. Process-wide and not undone; the peak barely moves, the
+    memory is just not returned between steps. Returns whether it applied: only for a CPU `device`, with glibc, and
     not with INNERCONTROL_PLAIN=1 or INNERCONTROL_KEEP_MEMORY=0."""
     if torch.device(device).type != "cpu" or os.environ.get("INNERCONTROL_PLAIN", "") not in ("", "0") \
             or os.environ.get("INNERCONTROL_KEEP_MEMORY") == "0":
@@ -686,7 +686,8 @@ def keep_freed_memory(device="cpu"):
 SWAPS = {nn.Conv2d: FastConv2d, nn.Linear: FastLinear, reward.StdConv2d: LeanStdConv2d, unet.Upsample: FastUpsample,
          unet.SpatialTransformer: TokenSpatialTransformer, unet.Attention: FastAttention, unet.GEGLU: LeanGEGLU,
          nn.GroupNorm: FastGroupNorm, reward.GroupNormAct: FastBitGroupNormAct, model.ResnetBlock: LeanResnetBlock,
-         model.AttnBlock: TokenAttnBlock, model.Encoder: ChannelsLastEncoder, unet.UNet: GraphedUNet, controlnet.ControlNet: GraphedControlNet}
+         model.AttnBlock: TokenAttnBlock, model.Encoder: ChannelsLastEncoder, unet.UNet: GraphedUNet,
+         controlnet.ControlNet: GraphedControlNet}
 
 
 def norm_then_silu(m):

@@ -187,7 +187,7 @@ class GemmConv3x3Fn(torch.autograd.Function):
 class FastConv2d(LeanConv2d):
     """LeanConv2d that runs 3x3 convs with large weights on small maps as im2col + one GEMM on the CPU: there
     oneDNN's direct convolution slows down several times over; everywhere else it is the faster one, hence the
-    two thresholds (README, Speed)."""
+    thresholds (README, Speed)."""
     gemm_max_positions = 64  # output positions per image at or below which the GEMM path is used (fp32)...
     gemm_max_positions_half = 256  # ...(bf16/fp16: the direct convolution's slowdown starts on larger maps)...
     gemm_min_weight = 2 ** 20  # ...for convs with at least this many (input channel, output channel) pairs
@@ -295,7 +295,7 @@ class FastUpsample(unet.Upsample):
     def forward(self, x, size=None):
         H, W = x.shape[2:]
         double = size is None or tuple(size) == (2 * H, 2 * W)
-        # on small maps the GEMM path on the upsampled map is faster than the phases
+        # where the conv takes the GEMM path (large weights, small maps), it beats the phases on the upsampled map
         gemm = isinstance(self.conv, FastConv2d) and self.conv.uses_gemm(x, 4 * H * W)
         if x.device.type == "cpu" and double and not gemm:
             return upsample_conv3x3(x, self.conv.weight, self.conv.bias)

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import formats
 import fused
 import metrics
-import reward
+import labels
 import sample
 
 PROTOCOL = dict(sampler="unipc", steps=20, guidance=7.5, images_per_cond=4, resolution=512, seed=42,
@@ -45,10 +46,10 @@ METRIC = {"depth": "depth RMSE (8-bit, lower is better)", "hed": "MS-SSIM (highe
 def eval_label(control_type, evaluator, image01, control=None):
     """What the generated image's re-extracted control is compared with, (B, 1, H, W) in [0, 1]. depth: the input
     map, min-max normalised per image (upstream's evaluation; training divides by the max). hed / lineart: the
-    annotator's map of the real image (the ControlNet's input is made from it, reward.make_label)."""
+    annotator's map of the real image (the ControlNet's input is made from it, labels.make_label)."""
     if control_type == "depth":
-        return reward.normalize_per_image_minmax(control.float().mean(1, keepdim=True))
-    return reward.make_label(control_type, evaluator, image01, control)
+        return labels.normalize_per_image_minmax(control.float().mean(1, keepdim=True))
+    return labels.make_label(control_type, evaluator, image01, control)
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def controllability(control_type, evaluator, images01, label01):
     """Per-image controllability (B,) of generated images (B, 3, H, W) in [0, 1] against labels (B, 1, H, W) from
     eval_label: depth RMSE (8-bit), or MS-SSIM of the 8-bit maps (single-scale SSIM below 176 px, the smallest size
     MS-SSIM's 5 scales take)."""
-    pred = reward.reward_prediction(control_type, evaluator, images01.float())  # depth: over its per-image max
+    pred = labels.reward_prediction(control_type, evaluator, images01.float())  # depth: over its per-image max
     if control_type == "depth":
         return metrics.rmse_8bit(pred, label01)
     if control_type == "lineart":  # compared as ControlNet v1.1 sees line art: white lines on black
@@ -108,7 +109,7 @@ def evaluate(args, sd, controlnet, evaluator, inception=None, clip=None, dataset
         image01 = (torch.stack([x["image"] for _, x in items]).to(device) + 1) / 2
         control = torch.stack([x["control"] for _, x in items]).to(device) if args.control == "depth" else None
         label = eval_label(args.control, evaluator, image01, control)
-        cond = control if args.control == "depth" else reward.control_image(args.control, label)
+        cond = control if args.control == "depth" else labels.control_image(args.control, label)
         texts = [x["text"] for _, x in items]
         images = generate_images(sd, texts, cond, controlnet, args.steps, args.guidance, args.seed + lo, len(items),
                                  args.negative_prompt, args.sampler, k).to(device)
@@ -119,7 +120,7 @@ def evaluate(args, sd, controlnet, evaluator, inception=None, clip=None, dataset
         if clip is not None:
             clip_scores.append(100 * metrics.clip_cosines(clip, images, [t for t in texts for _ in range(k)]))
     if not scores:
-        raise sample.CLIError(f"{args.data}: no readable samples among the first {n}")
+        raise cli.CLIError(f"{args.data}: no readable samples among the first {n}")
     scores = torch.cat(scores)
     # the generated images are prompt-major; group g is the g-th image of every condition (fid_over_groups)
     fid = metrics.fid_over_groups(torch.cat(real_features), torch.cat(gen_features), k) if gen_features else None
@@ -140,7 +141,7 @@ def table_row(row):
 
 
 def parse_args(argv=None):
-    p = sample.OneLineParser(prog="eval.py", description="a ControlNet's row of the paper's table")
+    p = cli.OneLineParser(prog="eval.py", description="a ControlNet's row of the paper's table")
     p.add_argument("--control", choices=list(METRIC), default="depth")
     p.add_argument("--weights", required=True, help="SD1.5: original single file or diffusers folder")
     p.add_argument("--controlnet", required=True)
@@ -176,7 +177,7 @@ def main(argv=None):
                                       control_column=args.control_column if args.control == "depth" else None)
         fused.install(sd, net, evaluator)
         row = evaluate(args, sd, net, evaluator, inception, clip, dataset)
-    except (sample.CLIError, formats.CheckpointError, data.DataError) as e:
+    except (cli.CLIError, formats.CheckpointError, data.DataError) as e:
         sys.exit(f"eval.py: error: {' '.join(str(e).split())}")
     line = table_row(row)
     print(f"{row['metric']} {row['controllability']:.4f} ± {row['controllability_std']:.4f} over {row['images']} "

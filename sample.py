@@ -11,7 +11,6 @@ et al. 2020), DPM-Solver++(2M) (Lu et al. 2022) and UniPC (Zhao et al. 2023; Con
 and the UNet; its `callback(step, t, x, features)` sees the decoder features at every step (the probe strip is
 one such callback).
 """
-import argparse
 import math
 import os
 import sys
@@ -22,10 +21,11 @@ import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
+import cli
 import data
 import formats
 import fused
-import reward
+import labels
 from probe import ProbeConfig, probe_output01
 from unet import DecoderFeatures
 
@@ -270,8 +270,8 @@ def sample_grid(sd, controlnet, items, control_type, annotator=None, probe=None,
     rows, device = [], next(controlnet.parameters()).device
     for i, item in enumerate(items):
         given = None if item["control"] is None else item["control"][None].to(device)
-        label = reward.make_label(control_type, annotator, (item["image"][None].to(device) + 1) / 2, given)
-        control = reward.control_image(control_type, label, given)
+        label = labels.make_label(control_type, annotator, (item["image"][None].to(device) + 1) / 2, given)
+        control = labels.control_image(control_type, label, given)
         callback, readings = probe_readings(probe, {steps // 2}) if probe is not None else (None, [])
         image = generate(sd, item["text"], control.float(), controlnet, steps=steps, seed=seed + i, callback=callback)
         rows.append([control[0], to_tensor(image[0])] + [r[0] for _, r in readings])
@@ -282,26 +282,16 @@ def sample_grid(sd, controlnet, items, control_type, annotator=None, probe=None,
 # command line
 
 
-class CLIError(Exception):
-    """Bad input from the command line or a file it names: reported as one line, with a non-zero exit status."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of the usage block
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def load_control(path, size=None):
     """A control map as (1, 3, H, W) in [0, 1], from an image file in any mode data.to_rgb01 reads (16-bit maps
     keep their precision). size (W, H): resized with Lanczos, as the reference pipeline does; None: the map's
     own size, rounded down to a multiple of 8."""
     if not os.path.isfile(path):
-        raise CLIError(f"--cond {path}: no such file")
+        raise cli.CLIError(f"--cond {path}: no such file")
     try:
         img = data.open_image(path)
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise CLIError(f"--cond {path}: cannot read it as an image ({e.__class__.__name__})") from None
+        raise cli.CLIError(f"--cond {path}: cannot read it as an image ({e.__class__.__name__})") from None
     size = tuple(size) if size is not None else (max(8, img.width // 8 * 8), max(8, img.height // 8 * 8))
     return torch.from_numpy(data.to_rgb01(img, size=None if img.size == size else size, resample=Image.LANCZOS))[None]
 
@@ -320,7 +310,7 @@ def find_shapes_model(run_dir=DEFAULT_SHAPES_RUN):
 
 
 def parse_args(argv=None):
-    p = OneLineParser(prog="sample.py", description="Stable Diffusion 1.x + ControlNet sampling")
+    p = cli.OneLineParser(prog="sample.py", description="Stable Diffusion 1.x + ControlNet sampling")
     p.add_argument("--prompt", required=True)
     p.add_argument("--cond", required=True, help="control map image (depth, soft edges, line art)")
     p.add_argument("--weights", help="SD1.x original single file or diffusers folder "
@@ -367,32 +357,32 @@ def load_models(args, dtype, device):
     if weights is None:
         found = find_shapes_model()
         if found is None:
-            raise CLIError(f"no --weights given and no shapes-world model in {DEFAULT_SHAPES_RUN}/: train one with "
+            raise cli.CLIError(f"no --weights given and no shapes-world model in {DEFAULT_SHAPES_RUN}/: train one with "
                            "`python train.py --control depth`, or pass SD1.5 weights, e.g. --weights "
                            "v1-5-pruned-emaonly.safetensors --controlnet control_v11f1p_sd15_depth.pth")
         weights, cn_path = found[0], cn_path or found[1]
 
     def checked(flag, path, load, *args, **kwargs):
         if not os.path.exists(path):
-            raise CLIError(f"{flag} {path}: no such file or folder")
+            raise cli.CLIError(f"{flag} {path}: no such file or folder")
         try:
             return load(path, *args, **kwargs)
         except (formats.CheckpointError, ValueError, OSError) as e:
             msg = " ".join(str(e).split())
-            raise CLIError(msg if str(path) in msg else f"{flag} {path}: {msg}") from None
+            raise cli.CLIError(msg if str(path) in msg else f"{flag} {path}: {msg}") from None
 
     sd = checked("--weights", weights, formats.load_sd, dtype=dtype, device=device)
     if cn_path is None and os.path.isdir(os.path.join(weights, "controlnet")):
         cn_path = os.path.join(weights, "controlnet")
     if cn_path is None:
-        raise CLIError(f"no ControlNet for {weights}: pass one with --controlnet PATH (an lllyasviel "
+        raise cli.CLIError(f"no ControlNet for {weights}: pass one with --controlnet PATH (an lllyasviel "
                        ".pth/.safetensors or a diffusers ControlNetModel folder)")
     cn = checked("--controlnet", cn_path, formats.load_controlnet, sd.unet.config, dtype=dtype, device=device)
     probe = checked("--probe", args.probe, formats.load_probe, dtype=dtype, device=device) if args.probe else None
     if probe is not None:
         want = ProbeConfig.for_unet(sd.unet.config)
         if (probe.cfg.feature_channels, probe.cfg.time_dim) != (want.feature_channels, want.time_dim):
-            raise CLIError(f"--probe {args.probe}: reads decoder features of widths {probe.cfg.feature_channels}, "
+            raise cli.CLIError(f"--probe {args.probe}: reads decoder features of widths {probe.cfg.feature_channels}, "
                            f"this UNet has {want.feature_channels}; use a probe trained on this base model")
     fused.install(sd.requires_grad_(False), cn.requires_grad_(False))  # sampling trains nothing; fused.py's layers
     return sd, cn, probe, weights, cn_path
@@ -413,7 +403,7 @@ def main(argv=None):
     try:
         control = load_control(args.cond, (args.width, args.height) if args.height else None)
         sd, cn, probe, weights, cn_path = load_models(args, dtype, device)
-    except CLIError as e:
+    except cli.CLIError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

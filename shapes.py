@@ -49,7 +49,7 @@ import formats
 import fused
 import metrics
 import model
-import reward
+import labels
 import shapes_render
 import train
 from controlnet import HINT_BLOCK_CHANNELS, ControlNet
@@ -283,12 +283,12 @@ def fit(out, modules, loss_fn, steps, lr, save_every=250, desc="", cosine=False)
 
 # ----------------------------------------------------------------------------------------------
 # Toy annotators. Two different architectures trained apart, so that the evaluator is not the reward model the
-# fine-tuning optimised against. Depth: like DPT, input in [-1, 1] (what reward.depth_reward_prediction feeds),
+# fine-tuning optimised against. Depth: like DPT, input in [-1, 1] (what labels.depth_reward_prediction feeds),
 # positive relative depth out. Edges: like HED and LineArt, input in [0, 1], a map in [0, 1] out.
 
 class ToyAnnotatorUNet(nn.Module):
     """Reward model: a small encoder-decoder with skips."""
-    input_size = None  # native resolution: reward.depth_reward_prediction skips DPT's 384 resize
+    input_size = None  # native resolution: labels.depth_reward_prediction skips DPT's 384 resize
 
     def __init__(self, w=16, kind="depth"):
         super().__init__()
@@ -442,11 +442,11 @@ def stage_base(root, P, cfg, control, tokenizer, vae, images, texts):
 
 def train_annotator(root, P, control, name, i, images=None, truths=None):
     """One toy annotator (stage 4), trained to read the exact control from the image through the same function
-    training and evaluation call (reward.reward_prediction)."""
+    training and evaluation call (labels.reward_prediction)."""
     sub, dev = os.path.join(root, "annotators", name), torch.device(P["device"])
     if images is None:
         images, truths, _, _ = load_arrays(os.path.join(root, "data", "train"), control, P["size"])
-    target = reward.depth_label(truths) if control == "depth" else truths[:, :1]
+    target = labels.depth_label(truths) if control == "depth" else truths[:, :1]
     torch.manual_seed(100 + i)
     net = ANNOTATORS[name](P["annotator_width"], "depth" if control == "depth" else "edges").to(dev)
     t0 = time.perf_counter()
@@ -454,7 +454,7 @@ def train_annotator(root, P, control, name, i, images=None, truths=None):
     def loss_fn(step):
         idx = batch_indices(step, len(images), P["annotator_batch"], 30 + i)
         x = (images[idx].to(dev) + 1) / 2
-        return F.mse_loss(reward.reward_prediction(control, net, x), target[idx].to(dev))
+        return F.mse_loss(labels.reward_prediction(control, net, x), target[idx].to(dev))
 
     loss, step_time = fit(sub, [net], loss_fn, P["annotator_steps"], P["annotator_lr"], P["save_every"], desc=name)
     mark_done(sub, settings(P, control, "annotators"), loss=loss, step_time=step_time,
@@ -700,17 +700,17 @@ def probe_error_by_timestep(sd, controlnet, probe, reward_model, truths, images,
     measured (the probe stays usable at high t, the x0 estimate blurs)."""
     dev, g = images.device, torch.Generator(images.device).manual_seed(seed)
     depth = truths if control == "depth" else None
-    label = reward.make_label(control, reward_model, (images + 1) / 2, depth)
-    cond = reward.control_image(control, label, depth)
+    label = labels.make_label(control, reward_model, (images + 1) / 2, depth)
+    cond = labels.control_image(control, label, depth)
     context, latents = sd.encode_prompt(texts), sd.vae.encode_latents(images)
     rows = []
     for lo in range(0, 1000, 200):
         t = torch.randint(lo, lo + 200, (len(images),), generator=g, device=dev)
         x_t = sd.schedule.add_noise(latents, torch.randn(latents.shape, generator=g, device=dev), t)
         eps, feats = sd.unet(x_t, t, context, control=controlnet(x_t, t, context, cond), return_features=True)
-        p = reward.probe_to_label_space(probe_output01(probe(feats)), control, size=label.shape[-2:])
+        p = labels.probe_to_label_space(probe_output01(probe(feats)), control, size=label.shape[-2:])
         x0 = sd.schedule.x0_from_eps(x_t, eps, t)
-        r = reward.reward_prediction(control, reward_model, ((sd.vae.decode_latents(x0) + 1) / 2).clamp(0, 1))
+        r = labels.reward_prediction(control, reward_model, ((sd.vae.decode_latents(x0) + 1) / 2).clamp(0, 1))
         rows.append({"bucket": f"{lo}-{lo + 200}", "probe_rmse": metrics.rmse_8bit(p, label).mean().item(),
                      "x0_reward_rmse": metrics.rmse_8bit(r, label).mean().item(), "probe": p[:FIGURE_ROWS],
                      "x0_reward": r[:FIGURE_ROWS]})
@@ -752,7 +752,7 @@ def eval_inputs(control, reward_model, evaluator, images, truths):
     as in training), the label (the evaluator's) and the real renders' evaluator features (for the Frechet
     distance)."""
     depth = truths if control == "depth" else None
-    cond = reward.control_image(control, reward.make_label(control, reward_model, (images + 1) / 2, depth), depth)
+    cond = labels.control_image(control, labels.make_label(control, reward_model, (images + 1) / 2, depth), depth)
     label = evaluation.eval_label(control, evaluator, (images + 1) / 2, depth)
     return cond, label, evaluation.evaluator_features(evaluator, (images + 1) / 2).cpu()
 

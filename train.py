@@ -26,10 +26,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+import cli
 import data
 import formats
 import fused
-import reward
+import labels
 import sample
 from controlnet import ControlNet
 from probe import Probe, ProbeConfig, probe_output01
@@ -43,7 +44,7 @@ CONTROL_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = sample.OneLineParser(prog="train.py", description=__doc__.split("\n")[0])
+    p = cli.OneLineParser(prog="train.py", description=__doc__.split("\n")[0])
     p.add_argument("--method", choices=["controlnet", "controlnet++", "innercontrol"], default="innercontrol")
     p.add_argument("--control", choices=list(CONTROL_DEFAULTS), default="depth")
     p.add_argument("--stage", choices=["probe", "finetune"], default="finetune")
@@ -134,8 +135,8 @@ def reward_loss(models, x_t, eps_hat, t, label, rows, count):
     rows = rows.to(x_t.device, non_blocking=True)
     x0 = models.sd.schedule.x0_from_eps(x_t[rows], eps_hat[rows], t[rows])
     image = ((models.sd.vae.decode_latents(x0.to(models.compute_dtype)) + 1) / 2).clamp(0, 1)
-    pred = reward.reward_prediction(models.control, models.reward_model, image)
-    return masked_mean(per_sample_mse(reward.resize(pred.float(), label.shape[-2:]), label[rows]), count)
+    pred = labels.reward_prediction(models.control, models.reward_model, image)
+    return masked_mean(per_sample_mse(labels.resize(pred.float(), label.shape[-2:]), label[rows]), count)
 
 
 def alignment_loss(models, features, label, rows, count):
@@ -146,7 +147,7 @@ def alignment_loss(models, features, label, rows, count):
         return features.time_emb.sum() * 0.0
     rows = rows.to(features.time_emb.device, non_blocking=True)
     feats = type(features)(features.time_emb[rows], [m[rows] for m in features.maps])
-    pred = reward.probe_to_label_space(probe_output01(models.probe(feats)), models.control, size=label.shape[-2:])
+    pred = labels.probe_to_label_space(probe_output01(models.probe(feats)), models.control, size=label.shape[-2:])
     return masked_mean(per_sample_mse(pred, label[rows]), count)
 
 
@@ -164,8 +165,8 @@ def training_step(models, batch, t, noise, latent_noise, args, counts):
         control = batch["control"] if batch["control"] is None else batch["control"].to(dev, non_blocking=True)
         # depth: the label is the depth map itself; hed/lineart: the annotator run on the RGB image, which is also
         # the ControlNet's input, so that input and label agree (ControlNet++ sec. 3.3)
-        label = reward.make_label(models.control, models.annotator, (image + 1) / 2, control)
-        control = reward.control_image(models.control, label, control)
+        label = labels.make_label(models.control, models.annotator, (image + 1) / 2, control)
+        control = labels.control_image(models.control, label, control)
     t_dev = t.to(dev, non_blocking=True)
     x_t = sd.schedule.add_noise(latents, noise, t_dev)
 
@@ -496,13 +497,13 @@ def build_models(args):
         probe = Probe(ProbeConfig.for_unet(sd.unet.config))
     elif args.method == "innercontrol":
         if not args.probe:
-            raise sample.CLIError("--method innercontrol needs --probe PATH (pre-train one with --stage probe)")
+            raise cli.CLIError("--method innercontrol needs --probe PATH (pre-train one with --stage probe)")
         probe = formats.load_probe(args.probe)
     # the reward model scores decoded images (ControlNet++, InnerControl); for hed/lineart it makes every label
     reward_model = None
     if (args.stage == "finetune" and args.method in ("controlnet++", "innercontrol")) or args.control != "depth":
         if not args.reward_model:
-            raise sample.CLIError(f"--control {args.control} with --method {args.method} needs --reward-model PATH "
+            raise cli.CLIError(f"--control {args.control} with --method {args.method} needs --reward-model PATH "
                                   "(depth: a DPT folder such as Intel/dpt-hybrid-midas; hed: ControlNetHED.pth; "
                                   "lineart: model.pth of awacke1/Image-to-Line-Drawings, or sk_model.pth)")
         reward_model = formats.load_reward_model(args.control, args.reward_model)
@@ -545,15 +546,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     try:
         if not args.data:
-            raise sample.CLIError("--weights needs --data (an imagefolder with metadata.jsonl)")
+            raise cli.CLIError("--weights needs --data (an imagefolder with metadata.jsonl)")
         models = build_models(args)
         annotator = None
         if models.reward_model is not None:  # rows without a depth map (or stored label) get one from the model
-            annotator = lambda image01: reward.reward_prediction(args.control, models.reward_model, image01)  # noqa
+            annotator = lambda image01: labels.reward_prediction(args.control, models.reward_model, image01)  # noqa
         column = args.control_column if args.control == "depth" else args.label_column
         dataset = data.ControlDataset(args.data, args.resolution, control_column=column,
                                       random_crop=args.random_crop, annotator=annotator)
-    except (sample.CLIError, formats.CheckpointError, data.DataError) as e:
+    except (cli.CLIError, formats.CheckpointError, data.DataError) as e:
         sys.exit(f"train.py: error: {' '.join(str(e).split())}")
     try:
         train(args, models, dataset, rank, world_size)

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import formats
 import fused
+import labels
 import reward
 from util import max_rel_err, randomize_
 
@@ -96,9 +97,9 @@ def test_dpt_any_size_and_bf16_autocast():
     _, dpt = reference_and_ours(HYBRID)
     x = image(2, 3, 72, 100)
     with torch.no_grad():
-        d = reward.depth_reward_prediction(dpt, x)
+        d = labels.depth_reward_prediction(dpt, x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            d16 = reward.depth_reward_prediction(dpt, x)
+            d16 = labels.depth_reward_prediction(dpt, x)
     assert d.shape == d16.shape == (2, 1, 72, 100) and d.dtype == d16.dtype == torch.float32
     assert d.min() >= 0 and torch.allclose(d.flatten(1).amax(1), torch.ones(2))
     print(f"DPT bf16 autocast vs fp32, normalised depth: {(d16 - d).abs().max():.3f}")
@@ -111,7 +112,7 @@ def test_depth_reward_prediction_is_dpt_at_384_with_half_mean_std():
     dpt.input_size = 384
     x = image(1, 3, 384, 384)
     with torch.no_grad():
-        d = reward.depth_reward_prediction(dpt, x)
+        d = labels.depth_reward_prediction(dpt, x)
         raw = dpt((x - 0.5) / 0.5)
     raw = F.interpolate(raw, size=(384, 384), mode="bilinear") if raw.shape[-1] != 384 else raw
     assert torch.allclose(d, raw / raw.max(), atol=1e-6)
@@ -125,8 +126,8 @@ def test_depth_reward_prediction_at_native_size():
             return (x.mean(1, keepdim=True) + 1) / 2
 
     x = torch.tensor([[[[0.2, 0.4]], [[0.2, 0.4]], [[0.2, 0.4]]]])
-    assert torch.allclose(reward.depth_reward_prediction(Brightness(), x), torch.tensor([[[[0.5, 1.0]]]]))
-    assert torch.allclose(reward.reward_prediction("depth", Brightness(), x), torch.tensor([[[[0.5, 1.0]]]]))
+    assert torch.allclose(labels.depth_reward_prediction(Brightness(), x), torch.tensor([[[[0.5, 1.0]]]]))
+    assert torch.allclose(labels.reward_prediction("depth", Brightness(), x), torch.tensor([[[[0.5, 1.0]]]]))
 
 
 @pytest.mark.parametrize("fmt", ["model.safetensors", "pytorch_model.bin"])
@@ -293,32 +294,32 @@ def test_load_reward_model_annotators(tmp_path, fmt):
 
 def test_per_image_normalisations():
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
-    assert torch.equal(reward.normalize_per_image_max(x)[0, 0], torch.tensor([[0.25, 0.5], [0.75, 1.0]]))
-    assert torch.equal(reward.normalize_per_image_max(x)[1], torch.zeros(1, 2, 2))  # blank map: zeros, not NaN
+    assert torch.equal(labels.normalize_per_image_max(x)[0, 0], torch.tensor([[0.25, 0.5], [0.75, 1.0]]))
+    assert torch.equal(labels.normalize_per_image_max(x)[1], torch.zeros(1, 2, 2))  # blank map: zeros, not NaN
     y = torch.tensor([[[[2.0, 4.0], [6.0, 10.0]]], [[[5.0, 5.0], [5.0, 5.0]]]])
-    assert torch.equal(reward.normalize_per_image_minmax(y)[0, 0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
-    assert torch.equal(reward.normalize_per_image_minmax(y)[1], torch.zeros(1, 2, 2))
-    assert reward.normalize_per_image_max(x.bfloat16()).dtype == torch.float32
+    assert torch.equal(labels.normalize_per_image_minmax(y)[0, 0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
+    assert torch.equal(labels.normalize_per_image_minmax(y)[1], torch.zeros(1, 2, 2))
+    assert labels.normalize_per_image_max(x.bfloat16()).dtype == torch.float32
 
 
 def test_depth_label():
     control = torch.tensor([[[[0.3, 0.6]], [[0.3, 0.0]], [[0.0, 0.9]]]])  # RGB means 0.2, 0.5
-    label = reward.depth_label(control)
+    label = labels.depth_label(control)
     assert label.shape == (1, 1, 1, 2)
     assert torch.allclose(label, torch.tensor([[[[0.4, 1.0]]]]))
-    assert torch.equal(reward.make_label("depth", None, torch.rand(1, 3, 1, 2), control), label)
+    assert torch.equal(labels.make_label("depth", None, torch.rand(1, 3, 1, 2), control), label)
 
 
 def test_probe_to_label_space():
     p = torch.tensor([[[[0.2, 0.4, 1.0]], [[0.0, 0.4, 0.6]]]])  # channel means 0.1, 0.4, 0.8
-    assert torch.allclose(reward.probe_to_label_space(p, "depth"), torch.tensor([[[[0.125, 0.5, 1.0]]]]))
-    assert torch.allclose(reward.probe_to_label_space(p, "lineart"), torch.tensor([[[[1.0, 4 / 7, 0.0]]]]))
-    assert torch.equal(reward.probe_to_label_space(p, "hed"), p)
+    assert torch.allclose(labels.probe_to_label_space(p, "depth"), torch.tensor([[[[0.125, 0.5, 1.0]]]]))
+    assert torch.allclose(labels.probe_to_label_space(p, "lineart"), torch.tensor([[[[1.0, 4 / 7, 0.0]]]]))
+    assert torch.equal(labels.probe_to_label_space(p, "hed"), p)
     q = torch.full((2, 3, 8, 8), 0.25)
-    assert torch.allclose(reward.probe_to_label_space(q, "hed", size=(32, 32)), torch.full((2, 3, 32, 32), 0.25))
-    assert torch.allclose(reward.probe_to_label_space(q, "depth", size=(32, 32)), torch.ones(2, 1, 32, 32))
+    assert torch.allclose(labels.probe_to_label_space(q, "hed", size=(32, 32)), torch.full((2, 3, 32, 32), 0.25))
+    assert torch.allclose(labels.probe_to_label_space(q, "depth", size=(32, 32)), torch.ones(2, 1, 32, 32))
     with pytest.raises(ValueError):
-        reward.probe_to_label_space(p, "canny")
+        labels.probe_to_label_space(p, "canny")
 
 
 def test_labels_controls_and_reward_predictions_of_annotators():
@@ -329,17 +330,17 @@ def test_labels_controls_and_reward_predictions_of_annotators():
     lineart.load_state_dict(lineart_state_dict())
     image01, stored = image(2, 3, 32, 32), image(2, 1, 32, 32, seed=5).expand(-1, 3, -1, -1)
     for control, model in (("hed", hed), ("lineart", lineart)):
-        label = reward.make_label(control, model, image01)
+        label = labels.make_label(control, model, image01)
         assert label.shape == (2, 1, 32, 32) and not label.requires_grad
         with torch.no_grad():
             assert torch.equal(label, model(image01))
-            assert torch.equal(reward.reward_prediction(control, model, image01), label)
-        torch.testing.assert_close(reward.make_label(control, model, image01, stored), stored[:, :1])
-    lab = reward.make_label("lineart", lineart, image01)
-    assert torch.equal(reward.control_image("lineart", lab), (1 - lab).expand(-1, 3, -1, -1))
-    lab = reward.make_label("hed", hed, image01)
-    assert torch.equal(reward.control_image("hed", lab), lab.expand(-1, 3, -1, -1))
-    assert reward.control_image("depth", None, stored) is stored
+            assert torch.equal(labels.reward_prediction(control, model, image01), label)
+        torch.testing.assert_close(labels.make_label(control, model, image01, stored), stored[:, :1])
+    lab = labels.make_label("lineart", lineart, image01)
+    assert torch.equal(labels.control_image("lineart", lab), (1 - lab).expand(-1, 3, -1, -1))
+    lab = labels.make_label("hed", hed, image01)
+    assert torch.equal(labels.control_image("hed", lab), lab.expand(-1, 3, -1, -1))
+    assert labels.control_image("depth", None, stored) is stored
 
 
 def test_reward_gradients_reach_the_image():
@@ -349,7 +350,7 @@ def test_reward_gradients_reach_the_image():
     hed.load_state_dict(hed_state_dict())
     for control, model in (("depth", dpt.requires_grad_(False)), ("hed", hed.requires_grad_(False))):
         x = image(1, 3, 48, 48).requires_grad_()
-        pred = reward.reward_prediction(control, model, x)
+        pred = labels.reward_prediction(control, model, x)
         assert pred.shape == (1, 1, 48, 48)
         F.mse_loss(pred, torch.zeros_like(pred)).backward()
         assert x.grad is not None and x.grad.abs().sum() > 0

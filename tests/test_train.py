@@ -13,6 +13,7 @@ import controlnet
 import data
 import formats
 import model
+import labels
 import reward
 import shapes_render
 import train
@@ -160,7 +161,7 @@ def test_edge_labels_come_from_the_image(world, control):
     ds = data.ControlDataset(world / "data", 64, control_column=None)  # the default for edges: no control read
     assert ds[0]["control"] is None and data.collate([ds[0], ds[1]], 64)["control"] is None
     stored = torch.rand(4, 3, 64, 64)  # --label-column: stored annotator outputs are the label
-    label = reward.make_label(control, ann, (batch["image"] + 1) / 2, stored)
+    label = labels.make_label(control, ann, (batch["image"] + 1) / 2, stored)
     torch.testing.assert_close(label, stored.mean(1, keepdim=True))
 
 
@@ -210,7 +211,7 @@ def test_probe_stage_can_train_on_the_alignment_comparison(world, monkeypatch):
         values[loss] = losses["probe"]
     (_, _, label, rows, count), = calls  # called once, by the alignment run
     assert rows.tolist() == [0, 1, 2, 3] and count == 4.0
-    torch.testing.assert_close(label, reward.depth_label(batch["control"]))
+    torch.testing.assert_close(label, labels.depth_label(batch["control"]))
     assert abs(values["alignment"].item() - values["control"].item()) > 1e-6  # another loss, not the same one
     values["alignment"].backward()
     assert sum(p.grad.abs().sum().item() for p in models.probe.parameters() if p.grad is not None) > 0

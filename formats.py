@@ -4,9 +4,13 @@
   through torch.load(weights_only=True)), with or without `model_ema.` copies, in any float dtype; or a
   diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/). The architecture is read from the
   checkpoint, so other SD1.x-family sizes load too. `save_sd` writes the original layout.
+- A model folder (`MODEL_FOLDER`): what a training run leaves for sampling, sd.safetensors, controlnet.safetensors
+  and probe.safetensors side by side in the layouts below; `load_sd` reads the folder, `bundled_controlnet` finds
+  its ControlNet (or a diffusers pipeline folder's controlnet/).
 - ControlNet (`load_controlnet`, `save_controlnet`, `export_diffusers`): lllyasviel's v1.x files, with or without
   the `control_model.` prefix, and diffusers ControlNetModel folders; written back in both layouts.
-- The probe (`save_probe`, `load_probe`): .safetensors with its config in the metadata.
+- The probe (`save_probe`, `load_probe`): .safetensors with its config in the metadata; upstream's torch files
+  (InnerControl's released probes, Readout Guidance's heads) are read as they are and can be saved in ours.
 - Reward models (`load_reward_model`): transformers-layout DPT folders, the annotators' original files.
 
 Our modules carry the original (LDM / lllyasviel / annotator) attribute names, so those files load with plain
@@ -46,6 +50,23 @@ def first(keys, n=5):
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+def torch_load(path):
+    """What a torch pickle (.ckpt/.pt/.pth/.bin) holds, read through the restricted unpickler.
+
+    A full pickle can run arbitrary code while loading; torch.load(weights_only=True) only rebuilds tensors
+    and plain containers (dict, list, str, numbers...) and refuses anything else before it runs."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # the restricted unpickler met something other than tensors
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(
+            f"{path}: refused to load: this pickle holds Python objects beyond tensors and plain containers"
+            f"{f' ({found[1]})' if found else ''}, and unpickling them could run arbitrary code. "
+            f"Convert the file to .safetensors with a tool you trust, then load that.") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: could not read this checkpoint: {str(e).splitlines()[0]}") from None
+
+
 def load_state_dict(path):
     """A flat {name: tensor} from .safetensors, or from a .ckpt/.pt/.pth/.bin through the restricted unpickler.
 
@@ -59,16 +80,7 @@ def load_state_dict(path):
             return load_file(str(path))
         except Exception as e:
             raise CheckpointError(f"{path}: not a valid .safetensors file ({str(e).splitlines()[0]})") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # the restricted unpickler met something other than tensors
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        raise CheckpointError(
-            f"{path}: refused to load: this pickle holds Python objects beyond tensors"
-            f"{f' ({found[1]})' if found else ''}, and unpickling them could run arbitrary code. "
-            f"Convert the file to .safetensors with a tool you trust, then load that.") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: could not read this checkpoint: {str(e).splitlines()[0]}") from None
+    obj = torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # PyTorch Lightning wraps the weights
     if not isinstance(obj, dict):
@@ -472,12 +484,27 @@ def read_diffusers_folder(path):
     return cfg, parts, tokenizer_from_folder(tok_dir) if has_tokenizer else None  # None: the bundled CLIP BPE
 
 
+# A model folder: the files of one trained model, side by side.
+MODEL_FOLDER = {"sd": "sd.safetensors", "controlnet": "controlnet.safetensors", "probe": "probe.safetensors"}
+
+
+def bundled_controlnet(weights):
+    """The ControlNet that comes with an SD1.x `weights` path: a model folder's controlnet.safetensors or a
+    diffusers pipeline folder's controlnet/ subfolder; None when there is none."""
+    for candidate in (Path(weights) / MODEL_FOLDER["controlnet"], Path(weights) / "controlnet"):
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
 def load_sd(path, dtype=torch.float32, device="cpu"):
-    """Stable Diffusion 1.x from an original single file (.safetensors/.ckpt) or a diffusers folder.
+    """Stable Diffusion 1.x from an original single file (.safetensors/.ckpt), a diffusers folder or a model folder.
 
     The architecture comes from the checkpoint: a folder's config.json files, our own files' metadata, or
     else the tensor shapes of a single file."""
     path = Path(path)
+    if (path / MODEL_FOLDER["sd"]).is_file():
+        path = path / MODEL_FOLDER["sd"]
     if path.is_dir():
         cfg, parts, tokenizer = read_diffusers_folder(path)
     else:
@@ -642,18 +669,107 @@ def export_diffusers(net, folder):
 # the probe and the reward models
 
 def save_probe(probe, path):
+    """Our layout: .safetensors with the ProbeConfig (time_in_blocks included) as JSON in the metadata."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in probe.state_dict().items()}
     save_file(tensors, str(path), metadata={"probe_config": json.dumps(asdict(probe.cfg))})
 
 
 def load_probe(path, dtype=torch.float32, device="cpu"):
-    meta = metadata(path) if Path(path).is_file() else {}
+    """A probe from one of our .safetensors files, or from a torch file in upstream's format (InnerControl's
+    released "align models", Readout Guidance's heads: see read_upstream_probe), read as it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix != ".safetensors":
+        cfg, state = read_upstream_probe(path)
+        with torch.device("meta"):
+            probe = Probe(cfg)
+        return load_into(probe, state, dtype, device, "probe", path)
+    meta = metadata(path)
     if "probe_config" not in meta:
-        raise CheckpointError(f"{path}: not a probe file (a .safetensors with probe_config in its metadata); "
-                              "train one with `python train.py --stage probe`")
+        raise CheckpointError(f"{path}: not a probe file (a .safetensors with probe_config in its metadata, or "
+                              "InnerControl's .pt); train one with `python train.py --stage probe`")
     with torch.device("meta"):
         probe = Probe(config_from_dict(ProbeConfig, json.loads(meta["probe_config"])))
     return load_into(probe, load_state_dict(path), dtype, device, "probe", path)
+
+
+# Upstream's probe files (InnerControl's train/helpers.py load_aggregation_network, which comes from Readout Guidance
+# and Diffusion Hyperfeatures) are torch pickles of a dict: "config" (the training config: projection_dim, dims,
+# save_timestep, num_timesteps, aggregation_kwargs, ...) and "aggregation_network" (the state dict), sometimes with
+# "step" and "optimizer_state_dict" beside them. Their network is the one in probe.py under other names: a block's
+# convs carry their GroupNorm as `.norm`, its time layer is `emb_layers`, the head is `output_head`. Bottleneck width
+# is projection_dim // 4. With bottleneck_sequential=True (upstream's default) every block sits inside a one-element
+# Sequential (an extra `.0.` in its keys) that calls it without the timestep; the file still holds its emb_layers.
+UPSTREAM_BLOCK_NAMES = {"conv1": "conv1", "norm1": "conv1.norm", "conv2": "conv2", "norm2": "conv2.norm",
+                        "conv3": "conv3", "norm3": "conv3.norm", "time_proj": "emb_layers",
+                        "shortcut.0": "shortcut", "shortcut.1": "shortcut.norm"}
+UPSTREAM_AGGREGATION_KWARGS = {"use_output_head", "output_head_channels", "output_head_act", "bottleneck_sequential",
+                               "num_norm_groups"}
+
+
+def upstream_probe_key_map(cfg):
+    """ours -> upstream name, for every key of Probe(cfg); the `.0.` level follows cfg.time_in_blocks."""
+    out = {}
+    for k in state_dict_keys(Probe, cfg):
+        module, _, tail = k.rpartition(".")  # e.g. blocks.3.shortcut.1 . weight
+        if k == "mixing_logits":
+            out[k] = "mixing_weights"
+        elif module.startswith("head."):
+            out[k] = f"output_head.{module[len('head.'):]}.{tail}"
+        else:
+            _, i, name = module.split(".", 2)
+            wrap = "" if cfg.time_in_blocks else ".0"
+            out[k] = f"bottleneck_layers.{i}{wrap}.{UPSTREAM_BLOCK_NAMES[name]}.{tail}"
+    return out
+
+
+def read_upstream_probe(path):
+    """(ProbeConfig, state dict in our names) of a probe file in upstream's format. Sizes come from the config
+    (dims, projection_dim, aggregation_kwargs) and the time embedding width from emb_layers' shape (upstream builds
+    1280 for SD1.5); the names must match one to one and the shapes must fit, else a one-line CheckpointError."""
+    obj = torch_load(path)
+    if not (isinstance(obj, dict) and isinstance(obj.get("config"), dict)
+            and isinstance(obj.get("aggregation_network"), dict)):
+        found = f"keys {first(map(str, obj))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"{path}: not a probe file: expected a dict with `config` and `aggregation_network` "
+                              f"(upstream's format) or one of our .safetensors probes; found {found}")
+    c, raw = obj["config"], obj["aggregation_network"]
+    agg = c.get("aggregation_kwargs") or {}
+    problems = [f"unknown aggregation_kwargs {sorted(set(agg) - UPSTREAM_AGGREGATION_KWARGS)}"] \
+        if set(agg) - UPSTREAM_AGGREGATION_KWARGS else []
+    if not agg.get("use_output_head", False):
+        problems.append("no output head (use_output_head is off: it makes features, not a control map)")
+    if not agg.get("output_head_act", True):
+        problems.append("no final tanh (output_head_act=False); this probe's output is tanh'd")
+    if len(c.get("save_timestep", [0])) != 1:
+        problems.append(f"features of {len(c['save_timestep'])} timesteps at once (save_timestep); ours read one")
+    if not isinstance(c.get("dims"), (list, tuple)) or not isinstance(c.get("projection_dim"), int):
+        problems.append("config lacks dims / projection_dim")
+    if problems:
+        raise CheckpointError(f"{path}: unsupported probe: {'; '.join(problems)}")
+    emb = next((v for k, v in raw.items() if k.endswith("emb_layers.weight") and isinstance(v, torch.Tensor)), None)
+    cfg = ProbeConfig(feature_channels=tuple(int(d) for d in c["dims"]),
+                      time_dim=emb.shape[1] if emb is not None else ProbeConfig.time_dim,
+                      bottleneck_dim=c["projection_dim"] // 4, proj_dim=c["projection_dim"],
+                      out_channels=agg.get("output_head_channels", 3), norm_groups=agg.get("num_norm_groups", 32),
+                      time_in_blocks=not agg.get("bottleneck_sequential", True))
+    names = upstream_probe_key_map(cfg)
+    with torch.device("meta"):
+        expected = Probe(cfg).state_dict()
+    missing = [names[k] for k in expected if names[k] not in raw]
+    unexpected = [k for k in raw if k not in set(names.values())]
+    state = {k: raw[names[k]] for k in expected if names[k] in raw}
+    shapes = [f"{names[k]} {tuple(getattr(v, 'shape', ()))} vs {tuple(expected[k].shape)}"
+              for k, v in state.items() if not isinstance(v, torch.Tensor) or v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        msg = [f"{len(missing)} missing keys: {first(missing)}"] if missing else []
+        msg += [f"{len(unexpected)} unexpected keys: {first(unexpected)}"] if unexpected else []
+        msg += [f"{len(shapes)} shape mismatches (file vs config): {'; '.join(shapes[:3])}"] if shapes else []
+        raise CheckpointError(f"{path}: the aggregation_network weights do not match its config (dims "
+                              f"{list(cfg.feature_channels)}, projection_dim {cfg.proj_dim}, bottleneck_sequential "
+                              f"{not cfg.time_in_blocks}): {'; '.join(msg)}")
+    return cfg, state
 
 
 def load_dpt(path, dtype=torch.float32, device="cpu"):

@@ -6,6 +6,7 @@ Its architecture is Readout Guidance's aggregation network (arXiv 2312.07536): o
 with the UNet's time embedding added, softmax-normalised mixing weights, a small convolutional head, tanh. Because the
 features encode the layout even at high noise, it gives a usable signal over almost the whole trajectory (t <= 920),
 where ControlNet++'s one-step x0 estimate is too blurry for a reward model to read (sec. 3.1).
+InnerControl's released probe files (upstream's own torch format) load into this class through formats.load_probe.
 """
 from dataclasses import dataclass
 
@@ -22,6 +23,12 @@ class ProbeConfig:
     proj_dim: int = 384         # Readout Guidance's projection dim
     out_channels: int = 3
     norm_groups: int = 32
+    # Does the timestep embedding reach the bottleneck blocks? True is the paper's timestep-conditioned probe.
+    # False reproduces the released probes trained with upstream's default `bottleneck_sequential=True`, which
+    # wraps each block in a container that calls it without the timestep (a pitfall of upstream's code): such a probe
+    # must be run that way to give the outputs it was trained to give. Its blocks still hold time_proj weights
+    # (the file has them), they are just never used.
+    time_in_blocks: bool = True
 
     @classmethod
     def for_unet(cls, unet_cfg, out_channels=3):
@@ -56,9 +63,10 @@ class BottleneckBlock(nn.Module):
         if c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), group_norm(groups, c_out))
 
-    def forward(self, x, time_emb):
+    def forward(self, x, time_emb=None):
         h = F.relu(self.norm1(self.conv1(x)))
-        h = h + F.relu(self.time_proj(time_emb))[:, :, None, None]
+        if time_emb is not None:  # None: a probe trained without the timestep (ProbeConfig.time_in_blocks=False)
+            h = h + F.relu(self.time_proj(time_emb))[:, :, None, None]
         h = F.relu(self.norm2(self.conv2(h)))
         h = self.norm3(self.conv3(h))
         skip = x if self.shortcut is None else self.shortcut(x)
@@ -70,7 +78,8 @@ class Probe(nn.Module):
         super().__init__()
         self.cfg = cfg
         # A plain ModuleList called explicitly with (x, time_emb): the timestep must reach every
-        # block (a container that forwards only x silently drops it, a pitfall noted upstream).
+        # block (a container that forwards only x silently drops it, a pitfall noted upstream) - unless the config
+        # asks for upstream's time-blind blocks to run a probe that was trained that way (time_in_blocks=False).
         self.blocks = nn.ModuleList(
             BottleneckBlock(c, cfg.bottleneck_dim, cfg.proj_dim, cfg.time_dim, cfg.norm_groups)
             for c in cfg.feature_channels)
@@ -95,11 +104,12 @@ class Probe(nn.Module):
             raise ValueError(f"probe expects {len(self.blocks)} feature maps, got {len(features.maps)}")
         size = max((m.shape[-2:] for m in features.maps), key=lambda s: s[0] * s[1])
         weights = self.mixing_logits.softmax(0)
+        time_emb = features.time_emb if self.cfg.time_in_blocks else None
         out = 0
         for i, (block, fmap) in enumerate(zip(self.blocks, features.maps)):
             if fmap.shape[-2:] != size:
                 fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
-            out = out + weights[i] * block(fmap, features.time_emb)
+            out = out + weights[i] * block(fmap, time_emb)
         return torch.tanh(self.head(out))
 
 

@@ -29,8 +29,8 @@ import labels
 from probe import ProbeConfig, probe_output01
 from unet import DecoderFeatures
 
-# Where `python train.py --control depth` leaves the shapes-world model; used when no --weights is given.
-DEFAULT_SHAPES_RUN = "runs/shapes-depth"
+# Where training runs leave their model folders (formats.MODEL_FOLDER): RUNS/*/model/, used when no --weights is given.
+RUNS = "runs"
 
 # -----------------------------------------------------------------------------
 # samplers
@@ -254,8 +254,11 @@ def to_tensor(image):
 
 def strip(rows, size):
     """Rows of (C, h, w) tiles in [0, 1] -> one PIL image, each tile resized to `size` and made RGB."""
-    tile = lambda x: F.interpolate(x[None].float().cpu(), size=size, mode="bilinear")[0].expand(3, -1, -1)[:3]  # noqa
-    return to_pil(torch.cat([torch.cat([tile(x) for x in row], 2) for row in rows], 1)[None].clamp(0, 1))[0]
+    def tile(x):
+        return F.interpolate(x[None].float().cpu(), size=size, mode="bilinear")[0].expand(3, -1, -1)[:3]
+
+    grid = torch.cat([torch.cat([tile(x) for x in row], 2) for row in rows], 1)
+    return to_pil(grid[None].clamp(0, 1))[0]
 
 
 def make_grid(images):
@@ -296,50 +299,57 @@ def load_control(path, size=None):
     return torch.from_numpy(data.to_rgb01(img, size=None if img.size == size else size, resample=Image.LANCZOS))[None]
 
 
-def find_shapes_model(run_dir=DEFAULT_SHAPES_RUN):
-    """(weights, controlnet) of the trained shapes world, or None when it has not been trained yet: the
-    InnerControl-fine-tuned ControlNet when that stage has finished, else the plain ControlNet."""
-    def finished(stage, name):
-        path = os.path.join(run_dir, stage, name)
-        return path if os.path.isfile(path) and os.path.isfile(os.path.join(run_dir, stage, "done.json")) else None
-
-    weights = finished("base", "sd.safetensors")
-    controlnet = finished("finetune/innercontrol-seed0", "controlnet.safetensors") or \
-        finished("controlnet", "controlnet.safetensors")
-    return (weights, controlnet) if weights and controlnet else None
+def newest_model_folder(runs=RUNS):
+    """The most recently written RUNS/*/model/ folder (what `python train.py --control depth` leaves), or None."""
+    folders = []
+    if os.path.isdir(runs):
+        for name in os.listdir(runs):
+            sd_file = os.path.join(runs, name, "model", formats.MODEL_FOLDER["sd"])
+            if os.path.isfile(sd_file):
+                folders.append((os.path.getmtime(sd_file), os.path.dirname(sd_file)))
+    return max(folders)[1] if folders else None
 
 
 def parse_args(argv=None):
     p = cli.OneLineParser(prog="sample.py", description="Stable Diffusion 1.x + ControlNet sampling")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--cond", required=True, help="control map image (depth, soft edges, line art)")
-    p.add_argument("--weights", help="SD1.x original single file or diffusers folder "
-                                     f"(default: the shapes-world model in {DEFAULT_SHAPES_RUN}/)")
-    p.add_argument("--controlnet", help="lllyasviel .pth/.safetensors or diffusers folder "
-                                        "(default: the controlnet/ subfolder of a diffusers --weights folder)")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--control-scale", type=float, default=1.0)
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--size", type=int, help="square output size (default: the control map's size)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="out.png")
-    p.add_argument("--probe", help="probe (.safetensors): also save a strip of its readings along the trajectory")
+    what = p.add_argument_group("what to draw")
+    what.add_argument("--prompt", required=True, help="the caption")
+    what.add_argument("--cond", required=True, help="the control map image (depth, soft edges, line art)")
+    what.add_argument("--negative-prompt", default="", help="what guidance steers away from")
+    what.add_argument("--num-images", type=int, default=1, help="images for the prompt (more than one: also a grid)")
+    what.add_argument("--seed", type=int, default=0, help="the initial noise (as the diffusers pipelines seed it)")
+    what.add_argument("--size", type=int, help="square output size (default: the control map's size)")
+    what.add_argument("--height", type=int, help="output height, with --width (default: the control map's)")
+    what.add_argument("--width", type=int, help="output width, with --height (default: the control map's)")
+
+    files = p.add_argument_group("model files")
+    files.add_argument("--weights", help="SD1.x: an original single file, a diffusers folder or a model folder "
+                                         f"(default: the newest {RUNS}/*/model/)")
+    files.add_argument("--controlnet", help="an lllyasviel .pth/.safetensors or a diffusers folder (default: the "
+                                            "one in the --weights folder)")
+    files.add_argument("--probe", help="a probe: also save a strip of its readings along the trajectory")
+
+    how = p.add_argument_group("sampling")
+    how.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="the ODE solver")
+    how.add_argument("--steps", type=int, default=20, help="sampling steps")
+    how.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (1: none)")
+    how.add_argument("--control-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals")
+    how.add_argument("--dtype", type=cli.dtype_name, metavar="{fp32,bf16,fp16}",
+                     help="network dtype (default: fp16 on cuda, fp32 on cpu)")
+    how.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="where to run")
+
+    output = p.add_argument_group("output")
+    output.add_argument("--out", default="out.png", help="the image file (several: OUT_0.png, OUT_1.png, ...)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
         p.error(f"--num-images must be at least 1, got {args.num_images}")
     for name in ("size", "height", "width"):
-        v = getattr(args, name)
-        if v is not None and (v <= 0 or v % 8):
-            p.error(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {v}")
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            p.error(f"--{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {value}")
     if args.size is not None and (args.height or args.width):
         p.error("give either --size or --height/--width, not both")
     if (args.height is None) != (args.width is None):
@@ -355,12 +365,11 @@ def load_models(args, dtype, device):
     """--weights / --controlnet / --probe -> (sd, controlnet, probe, weights, controlnet path), or a CLIError."""
     weights, cn_path = args.weights, args.controlnet
     if weights is None:
-        found = find_shapes_model()
-        if found is None:
-            raise cli.CLIError(f"no --weights given and no shapes-world model in {DEFAULT_SHAPES_RUN}/: train one with "
-                           "`python train.py --control depth`, or pass SD1.5 weights, e.g. --weights "
-                           "v1-5-pruned-emaonly.safetensors --controlnet control_v11f1p_sd15_depth.pth")
-        weights, cn_path = found[0], cn_path or found[1]
+        weights = newest_model_folder()
+        if weights is None:
+            raise cli.CLIError(f"no --weights given and no model folder in {RUNS}/*/model/: train one with "
+                               "`python train.py --control depth`, or pass SD1.5 weights, e.g. --weights "
+                               "v1-5-pruned-emaonly.safetensors --controlnet control_v11f1p_sd15_depth.pth")
 
     def checked(flag, path, load, *args, **kwargs):
         if not os.path.exists(path):
@@ -372,8 +381,7 @@ def load_models(args, dtype, device):
             raise cli.CLIError(msg if str(path) in msg else f"{flag} {path}: {msg}") from None
 
     sd = checked("--weights", weights, formats.load_sd, dtype=dtype, device=device)
-    if cn_path is None and os.path.isdir(os.path.join(weights, "controlnet")):
-        cn_path = os.path.join(weights, "controlnet")
+    cn_path = cn_path or formats.bundled_controlnet(weights)
     if cn_path is None:
         raise cli.CLIError(f"no ControlNet for {weights}: pass one with --controlnet PATH (an lllyasviel "
                        ".pth/.safetensors or a diffusers ControlNetModel folder)")
@@ -399,13 +407,12 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = cli.DTYPES[args.dtype]
     try:
         control = load_control(args.cond, (args.width, args.height) if args.height else None)
         sd, cn, probe, weights, cn_path = load_models(args, dtype, device)
     except cli.CLIError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail("sample.py", e)
 
     at_steps = {round(i * (args.steps - 1) / 4) for i in range(5)}  # five steps, first to last
     callback, readings = probe_readings(probe, at_steps) if probe is not None else (None, [])
@@ -418,7 +425,8 @@ def main(argv=None):
                 weights=os.path.basename(os.path.normpath(weights)), cond=os.path.basename(args.cond),
                 controlnet=os.path.basename(os.path.normpath(cn_path)), size=f"{images[0].width}x{images[0].height}",
                 dtype=args.dtype)
-    root, ext = os.path.splitext(args.out)[0], os.path.splitext(args.out)[1] or ".png"
+    root, ext = os.path.splitext(args.out)
+    ext = ext or ".png"
     paths = [root + ext] if len(images) == 1 else [f"{root}_{i}{ext}" for i in range(len(images))]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for i, (image, path) in enumerate(zip(images, paths)):

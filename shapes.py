@@ -1,8 +1,8 @@
 """The shapes world: the whole of InnerControl, from an empty folder, on a 2-core CPU.
 
-`python train.py --control depth` with no --weights runs this. Synthetic 3D scenes (shapes_render.py) have exact
-depth, edges and line art, so every model the method needs can be trained from scratch in minutes, and the paper's
-comparison (arXiv 2507.02321, Table 1) can be re-run in miniature:
+`python shapes.py --control depth` runs it, and so does `python train.py --control depth` with no --weights.
+Synthetic 3D scenes (shapes_render.py) have exact depth, edges and line art, so every model the method needs can be
+trained from scratch in minutes, and the paper's comparison (arXiv 2507.02321, Table 1) can be re-run in miniature:
 
   1 data          render train and held-out scenes (image, depth, soft edges, line art, object ids, caption)
   2 vae           a small VAE that downsamples 4x: 64 px scenes, 16x16x4 latents
@@ -18,7 +18,9 @@ comparison (arXiv 2507.02321, Table 1) can be re-run in miniature:
 
 Each stage writes into OUT/<stage>/ and marks itself done (done.json, with the settings it was made with); a rerun
 reuses a finished stage only when the current settings would make the same one (else it says which stage is stale
-and redoes it), resumes an interrupted one from its last checkpoint (Ctrl-C saves one); --fresh starts over.
+and redoes it), resumes an interrupted one from its last checkpoint (Ctrl-C saves one); --fresh starts over. A finished
+run leaves its models in OUT/model/ (sd.safetensors, controlnet.safetensors: the InnerControl-fine-tuned ControlNet of
+the first seed, probe.safetensors), a model folder that formats.load_sd and sample.py read like any other.
 SHAPES_SMOKE=1 runs every stage for a few steps (the CI smoke test); SHAPES_PRESET='{"finetune_steps": 500}'
 overrides entries of the preset below, SHAPES_PRESET=gpu runs the larger world on a GPU.
 """
@@ -43,6 +45,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import cli
 import data
 import eval as evaluation
 import formats
@@ -98,22 +101,22 @@ def preset():
         try:
             P.update(json.loads(given))
         except json.JSONDecodeError as e:
-            sys.exit(f"train.py: error: SHAPES_PRESET is neither `gpu` nor a JSON object of preset entries ({e})")
+            sys.exit(f"shapes.py: error: SHAPES_PRESET is neither `gpu` nor a JSON object of preset entries ({e})")
     unknown = sorted(set(P) - set(PRESET))
     if unknown:
-        sys.exit(f"train.py: error: SHAPES_PRESET names unknown entries {unknown}; the entries are {sorted(PRESET)}")
+        sys.exit(f"shapes.py: error: SHAPES_PRESET names unknown entries {unknown}; the entries are {sorted(PRESET)}")
     P["seeds"], P["vae_mult"], P["finetune_args"] = tuple(P["seeds"]), tuple(P["vae_mult"]), tuple(P["finetune_args"])
     problem = io.StringIO()
     try:  # flags for the fine-tuning runs: checked here, so that a typo stops the run before any stage
         with contextlib.redirect_stderr(problem):
             train.parse_args(list(P["finetune_args"]))
     except SystemExit:
-        sys.exit(f"train.py: error: finetune_args {list(P['finetune_args'])} from SHAPES_PRESET: "
+        sys.exit(f"shapes.py: error: finetune_args {list(P['finetune_args'])} from SHAPES_PRESET: "
                  f"{problem.getvalue().strip().removeprefix('train.py: error: ')}")
     if P["probe_loss"] not in ("auto", "control", "alignment"):
-        sys.exit(f"train.py: error: SHAPES_PRESET probe_loss is {P['probe_loss']!r}; use auto, control or alignment")
+        sys.exit(f"shapes.py: error: SHAPES_PRESET probe_loss is {P['probe_loss']!r}; use auto, control or alignment")
     if P["device"] == "cuda" and not torch.cuda.is_available():
-        sys.exit("train.py: error: this preset runs on a GPU (device cuda) and none is available")
+        sys.exit("shapes.py: error: this preset runs on a GPU (device cuda) and none is available")
     if P["workers"] is None:
         P["workers"] = 1 if P["device"] != "cpu" else max(1, min(os.cpu_count() or 1, len(METHODS) * len(P["seeds"])))
     return P
@@ -573,7 +576,7 @@ def check_probe(sd, controlnet, probe, reward_model, train_dir, control, P):
                                    images[:k].to(P["device"]), texts[:k], control)
     spread = max(r["probe"].std((1, 2, 3)).max().item() for r in rows)
     if spread < 1e-3 and P["probe_steps"] >= 50:  # a few smoke-test steps leave the probe near its constant start
-        sys.exit(f"train.py: error: the stage-6 probe gives a constant reading (spread {spread:.1e}); try another "
+        sys.exit(f"shapes.py: error: the stage-6 probe gives a constant reading (spread {spread:.1e}); try another "
                  f"SHAPES_PRESET probe_lr or probe_loss, then rerun (stage 6 starts over)")
 
 
@@ -890,26 +893,52 @@ def print_results(results):
         print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
 
 
+def write_model_folder(root, controlnet_path, finetuned_path, probe_path):
+    """root/model/: the base model, the InnerControl-fine-tuned ControlNet (the stage-5 one if that file is
+    missing) and the probe, as a model folder that formats.load_sd and sample.py read like any other."""
+    d = os.path.join(root, "model")
+    os.makedirs(d, exist_ok=True)
+    sources = {"sd.safetensors": os.path.join(root, "base", "sd.safetensors"), "probe.safetensors": probe_path,
+               "controlnet.safetensors": finetuned_path if os.path.isfile(finetuned_path) else controlnet_path}
+    for name, source in sources.items():
+        shutil.copyfile(source, os.path.join(d, name + ".tmp"))
+        os.replace(os.path.join(d, name + ".tmp"), os.path.join(d, name))
+    return d
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole run
 
-def run(args):
-    """The whole pipeline; `args` are train.py's (control, out, fresh)."""
-    root = args.out if args.out != "runs/train" else f"runs/shapes-{args.control}"
+def parse_args(argv=None):
+    p = cli.OneLineParser(prog="shapes.py", description="InnerControl from scratch on a synthetic world of shapes, "
+                          "on a CPU: every model the method needs, the three methods, the comparison",
+                          epilog="Sizes and step counts: PRESET in shapes.py; SHAPES_PRESET='{\"finetune_steps\": "
+                                 "300}' overrides entries, SHAPES_PRESET=gpu runs the larger world on a GPU.")
+    p.add_argument("--control", choices=list(labels.CONTROL_TYPES), default="depth", help="the kind of control map")
+    p.add_argument("--out", help="the run's folder (default: runs/shapes-CONTROL)")
+    p.add_argument("--fresh", action="store_true", help="delete the run's folder and start every stage over")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """The whole pipeline, resumable: rerun the same command to continue."""
+    args = parse_args(argv)
+    root = args.out or f"runs/shapes-{args.control}"
     P = preset()
     P["probe_loss"] = probe_loss(P, args.control)  # "auto" resolved, so that stage 6's settings record the loss
     if args.fresh and os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(root, exist_ok=True)
     try:
-        return _run(root, P, args.control)
+        return run(root, P, args.control)
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun the same command to continue from the last checkpoint in {root}",
               file=sys.stderr)
         sys.exit(130)
 
 
-def _run(root, P, control):
+def run(root, P, control):
+    """Stages 1-8 into root; returns the results (also in root/results.json)."""
     t0 = time.time()
     cores = torch.get_num_threads()
     if "OMP_NUM_THREADS" not in os.environ and P["device"] == "cpu":
@@ -959,6 +988,12 @@ def _run(root, P, control):
     else:
         results = stage_eval(root, P, sd, cn_path, probe_path, finetuned, reward_model, evaluator, test_dir, control)
     print_results(results)
-    print(f"\nfigures: {root}/figure.png, {root}/vae_figure.png, {root}/probe_figure.png; results: {results_path} "
+    model_dir = write_model_folder(root, cn_path, finetuned[("innercontrol", P["seeds"][0])], probe_path)
+    print(f"\nmodels: {model_dir} (python sample.py --prompt ... --cond MAP.png reads it)")
+    print(f"figures: {root}/figure.png, {root}/vae_figure.png, {root}/probe_figure.png; results: {results_path} "
           f"({(time.time() - t0) / 60:.1f} min)")
     return results
+
+
+if __name__ == "__main__":
+    main()

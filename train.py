@@ -1,6 +1,6 @@
 """Train a ControlNet three ways: ControlNet, ControlNet++ and InnerControl, in one loop.
 
-    python train.py --control depth                       # no weights: the CPU shapes world, end to end
+    python train.py --control depth                       # no weights: a synthetic world, end to end, on a CPU
     python train.py --method innercontrol --control depth --weights v1-5-pruned.safetensors \
         --controlnet control_v11f1p_sd15_depth.pth --probe probe.safetensors \
         --reward-model dpt-hybrid-midas/ --data my_imagefolder/ --out runs/depth
@@ -12,9 +12,11 @@ The whole method is `training_step` below (read it first):
   InnerControl (arXiv 2507.02321)     L = L_diff + lambda_r * L_reward + alpha * L_align
                                                                       L_align where t_align_min <= t <= t_align_max
 Only the ControlNet is trained. The UNet, VAE, text encoder, reward model and probe are frozen.
-`--stage probe` pre-trains the probe before InnerControl fine-tuning.
+`--stage probe` pre-trains the probe before InnerControl fine-tuning: `probe_step`, the same forward with only the
+probe trained.
 """
 import copy
+import functools
 import json
 import os
 import random
@@ -35,7 +37,9 @@ import sample
 from controlnet import ControlNet
 from probe import Probe, ProbeConfig, probe_output01
 
-# Per-control defaults from the paper's training scripts (METHOD.md).
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Per-control loss windows and weights of the paper's training scripts (InnerControl, sec. 4.1; ControlNet++'s).
 CONTROL_DEFAULTS = {
     "depth": dict(t_reward=400, lambda_reward=0.5),
     "hed": dict(t_reward=200, lambda_reward=1.0),
@@ -44,58 +48,85 @@ CONTROL_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    p = cli.OneLineParser(prog="train.py", description=__doc__.split("\n")[0])
-    p.add_argument("--method", choices=["controlnet", "controlnet++", "innercontrol"], default="innercontrol")
-    p.add_argument("--control", choices=list(CONTROL_DEFAULTS), default="depth")
-    p.add_argument("--stage", choices=["probe", "finetune"], default="finetune")
-    p.add_argument("--weights", help="SD1.x: original single file or diffusers folder (none: the shapes world)")
-    p.add_argument("--controlnet", help="start from this ControlNet (else initialised from the UNet)")
-    p.add_argument("--probe", help="pre-trained probe (.safetensors), needed by --method innercontrol")
-    p.add_argument("--reward-model", help="reward model: DPT folder (depth), ControlNetHED.pth, sk_model.pth")
-    p.add_argument("--data", help="imagefolder dataset with metadata.jsonl")
-    p.add_argument("--control-column", help="depth: the depth map column (default conditioning_file_name)")
-    p.add_argument("--label-column", help="hed/lineart: a column of stored annotator outputs to use as labels "
-                                          "(default: the annotator run on the image, as upstream)")
-    p.add_argument("--out", default="runs/train")
-    p.add_argument("--max-steps", type=int, default=10_000)
-    p.add_argument("--batch-size", type=int, default=8, help="per process, per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-5 (finetune), 1e-3 (probe)")
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--random-crop", action="store_true")
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--ema", action="store_true", help="keep an EMA copy of the ControlNet")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="the EMA's decay after its warm-up")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=1.0, help="alignment loss weight (InnerControl)")
-    p.add_argument("--lambda-reward", type=float, default=None, help="reward loss weight (per-control default)")
-    p.add_argument("--t-reward", type=int, default=None, help="reward loss where t <= this (per-control default)")
-    p.add_argument("--t-align-min", type=int, default=0)
-    p.add_argument("--t-align-max", type=int, default=920)
-    p.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma weighting of L_diff (0: off)")
-    p.add_argument("--probe-loss", choices=["control", "alignment"], default="control", help="--stage probe: "
-                   "against the ControlNet's input (Readout Guidance), or the alignment loss's own comparison")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--sample-every", type=int, default=500, help="sample grid every N steps (0: never)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and ControlNet")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fresh", action="store_true", help="shapes world: start every stage over")
+    p = cli.OneLineParser(prog="train.py", description=__doc__.split("\n")[0],
+                          epilog="Without --weights, train.py runs the whole method from scratch on a small "
+                                 "synthetic world instead, on a CPU (README).")
+    what = p.add_argument_group("what to train")
+    what.add_argument("--method", choices=["controlnet", "controlnet++", "innercontrol"], default="innercontrol",
+                      help="the loss: diffusion only, + reward, + reward + alignment")
+    what.add_argument("--control", choices=list(CONTROL_DEFAULTS), default="depth", help="the kind of control map")
+    what.add_argument("--stage", choices=["probe", "finetune"], default="finetune",
+                      help="probe: pre-train the probe (probe_step); finetune: train the ControlNet (training_step)")
+
+    files = p.add_argument_group("model files")
+    files.add_argument("--weights", help="SD1.x: an original single file or a diffusers folder")
+    files.add_argument("--controlnet", help="the ControlNet to start from "
+                                            "(default: none, a new one copied from the UNet)")
+    files.add_argument("--probe", help="the pre-trained probe that --method innercontrol reads the features with")
+    files.add_argument("--reward-model", help="depth: a DPT folder; hed: ControlNetHED.pth; lineart: model.pth "
+                                              "of informative-drawings or sk_model.pth")
+
+    dataset = p.add_argument_group("data")
+    dataset.add_argument("--data", help="an imagefolder dataset (metadata.jsonl with file_name, text, control)")
+    dataset.add_argument("--control-column", help="depth: the metadata column of the depth map "
+                                                  "(default: conditioning_file_name)")
+    dataset.add_argument("--label-column", help="hed / lineart: a column of stored annotator outputs used as labels "
+                                                "(default: the annotator run on the image, as upstream)")
+    dataset.add_argument("--resolution", type=int, default=512, help="training images are resolution^2 pixels")
+    dataset.add_argument("--resize", choices=list(data.RESIZE_MODES), default="squash",
+                         help="squash: straight to resolution^2, bicubic (upstream); crop: short side, then a crop")
+    dataset.add_argument("--random-crop", action="store_true", help="with --resize crop: a random crop, not centred")
+    dataset.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+
+    method = p.add_argument_group("method (defaults: the paper's, per control)")
+    method.add_argument("--alpha", type=float, default=1.0, help="alignment loss weight (InnerControl)")
+    method.add_argument("--lambda-reward", type=float, help="reward loss weight (default: 0.5 depth, 1.0 edges)")
+    method.add_argument("--t-reward", type=int, help="the reward loss where t <= this (default: 400 depth, "
+                                                     "200 edges)")
+    method.add_argument("--t-align-min", type=int, default=0, help="the alignment loss where t >= this")
+    method.add_argument("--t-align-max", type=int, default=920, help="the alignment loss where t <= this")
+    method.add_argument("--snr-gamma", type=float, default=0.0, help="Min-SNR-gamma weighting of the diffusion "
+                                                                     "loss (0: off, the papers' loss)")
+    method.add_argument("--probe-loss", choices=["control", "alignment"], default="control",
+                        help="--stage probe: against the ControlNet's input (Readout Guidance) or the alignment "
+                             "loss's own comparison")
+
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--max-steps", type=int, default=10_000, help="optimizer steps")
+    optim.add_argument("--batch-size", type=int, default=8, help="samples per process per micro-step")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    optim.add_argument("--lr", type=float, help="learning rate (default: 1e-5 finetune, 1e-3 probe)")
+    optim.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
+    optim.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (finetune)")
+    optim.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    optim.add_argument("--mixed-precision", type=cli.dtype_name, default="fp32", metavar="{fp32,bf16,fp16}",
+                       help="compute dtype of the frozen networks and autocast (fp16 adds a GradScaler)")
+    optim.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    optim.add_argument("--ema", action="store_true", help="keep an EMA copy of the ControlNet and export it")
+    optim.add_argument("--ema-decay", type=float, default=0.9999, help="the EMA's decay after its warm-up")
+    optim.add_argument("--seed", type=int, default=0, help="fixes the data order, timesteps and noise")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the UNet and ControlNet")
+    optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (torchrun sets one per process)")
+
+    output = p.add_argument_group("output")
+    output.add_argument("--out", default="runs/train", help="folder for the log, checkpoints, samples and weights")
+    output.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    output.add_argument("--log-every", type=int, default=10, help="write OUT/log.jsonl every N steps")
+    output.add_argument("--save-every", type=int, default=500, help="write OUT/checkpoint.pt every N steps")
+    output.add_argument("--sample-every", type=int, default=500, help="write a sample grid every N steps (0: never)")
+
     args = p.parse_args(argv)
-    for k, v in CONTROL_DEFAULTS[args.control].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    for key, value in CONTROL_DEFAULTS[args.control].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.control == "depth":
         args.control_column = args.control_column or "conditioning_file_name"
     elif args.control_column:  # the ControlNet's input for edges is the annotator's output, never a given map
         p.error(f"--control {args.control} takes its labels from the image (the annotator's output); "
                 "--label-column names stored annotator outputs instead of --control-column")
+    if args.random_crop and args.resize != "crop":
+        p.error("--random-crop needs --resize crop (--resize squash resizes the whole image, nothing is cropped)")
     if args.snr_gamma < 0:
         p.error(f"--snr-gamma must be 0 (off) or positive, got {args.snr_gamma}")
     if args.lr is None:
@@ -151,48 +182,86 @@ def alignment_loss(models, features, label, rows, count):
     return masked_mean(per_sample_mse(pred, label[rows]), count)
 
 
-def training_step(models, batch, t, noise, latent_noise, args, counts):
-    """One micro-step of one method. Returns a dict of loss tensors (already divided by the optimizer batch's
-    eligible counts); their sum is what is back-propagated.
-
-    t: host (CPU) long tensor of this micro-batch's timesteps; counts: eligible samples of the whole optimizer
-    batch per loss (host numbers), so micro-steps and processes add up exactly."""
+def noisy_inputs(models, batch, t, noise, latent_noise):
+    """One micro-batch on the device, ready for the networks (no gradients): the noisy latents x_t at the timesteps
+    t (also returned on the device), the prompt embeddings, the ControlNet's input image and the label that the
+    reward and alignment losses compare with."""
     sd, dev = models.sd, models.device
     with torch.no_grad():
         image = batch["image"].to(dev, models.compute_dtype, non_blocking=True)
         latents = sd.vae.encode_latents(image, latent_noise).float()
         context = sd.encode_prompt(batch["text"]).to(models.compute_dtype)
-        control = batch["control"] if batch["control"] is None else batch["control"].to(dev, non_blocking=True)
+        given = None if batch["control"] is None else batch["control"].to(dev, non_blocking=True)
         # depth: the label is the depth map itself; hed/lineart: the annotator run on the RGB image, which is also
-        # the ControlNet's input, so that input and label agree (ControlNet++ sec. 3.3)
-        label = labels.make_label(models.control, models.annotator, (image + 1) / 2, control)
-        control = labels.control_image(models.control, label, control)
+        # the ControlNet's input, so that input and label agree (ControlNet++ sec. 3.3; labels.py)
+        label = labels.make_label(models.control, models.annotator, (image + 1) / 2, given)
+        control = labels.control_image(models.control, label, given)
     t_dev = t.to(dev, non_blocking=True)
     x_t = sd.schedule.add_noise(latents, noise, t_dev)
+    return x_t, t_dev, context, control.to(x_t.dtype), label
 
-    need_features = args.method == "innercontrol" or args.stage == "probe"
-    # probe pre-training: nothing upstream of the probe needs a graph
-    with models.autocast(), (torch.no_grad() if args.stage == "probe" else nullcontext()):
-        residuals = models.controlnet(x_t, t_dev, context, control.to(x_t.dtype))
-        eps_hat, features = sd.unet(x_t, t_dev, context, control=residuals, return_features=True) \
-            if need_features else (sd.unet(x_t, t_dev, context, control=residuals), None)
 
-    if args.stage == "probe":  # the probe learns to read the control map from noisy features, at every t
-        with models.autocast():  # the frozen UNet's features come in the compute dtype, the probe trains in fp32
-            if args.probe_loss == "alignment":  # what the alignment loss will ask of it, on every sample
-                return {"probe": alignment_loss(models, features, label, torch.arange(len(t)), counts["all"])}
-            pred01 = probe_output01(models.probe(features).float(), size=control.shape[-2:])
-        return {"probe": masked_mean(per_sample_mse(pred01, control), counts["all"])}
+def training_step(models, batch, t, noise, latent_noise, args, counts):
+    """One micro-step of ControlNet, ControlNet++ or InnerControl. Returns a dict of loss tensors (each already
+    divided by the optimizer batch's eligible count); their sum is what is back-propagated into the ControlNet.
 
+    t: host (CPU) long tensor of this micro-batch's timesteps (the loss windows select rows on the host, with no
+    device sync); counts: eligible samples of the whole optimizer batch per loss (host numbers), so micro-steps and
+    processes add up exactly (masked_mean)."""
+    sd = models.sd
+    # the batch -> noisy latents, prompt embeddings, the ControlNet's input and the label
+    x_t, t_dev, context, control, label = noisy_inputs(models, batch, t, noise, latent_noise)
+
+    # forward: the ControlNet's residuals into the frozen UNet; InnerControl also keeps the decoder's features
+    innercontrol = args.method == "innercontrol"
+    with models.autocast():
+        residuals = models.controlnet(x_t, t_dev, context, control)
+        if innercontrol:
+            eps_hat, features = sd.unet(x_t, t_dev, context, control=residuals, return_features=True)
+        else:
+            eps_hat, features = sd.unet(x_t, t_dev, context, control=residuals), None
+
+    # ControlNet: the diffusion loss on every sample
     diffusion = per_sample_mse(eps_hat, noise) * min_snr_weight(sd, t_dev, args.snr_gamma)
     losses = {"diffusion": masked_mean(diffusion, counts["all"])}
+
+    # ControlNet++: the reward loss on the low-noise samples, where x0_hat is sharp enough to read
     if args.method in ("controlnet++", "innercontrol"):
         rows = torch.nonzero(t <= args.t_reward).flatten()
-        losses["reward"] = args.lambda_reward * reward_loss(models, x_t, eps_hat, t_dev, label, rows, counts["reward"])
-    if args.method == "innercontrol":
+        reward = reward_loss(models, x_t, eps_hat, t_dev, label, rows, counts["reward"])
+        losses["reward"] = args.lambda_reward * reward
+
+    # InnerControl: the alignment loss on nearly every sample, read from inside the UNet
+    if innercontrol:
         rows = torch.nonzero((t >= args.t_align_min) & (t <= args.t_align_max)).flatten()
         losses["align"] = args.alpha * alignment_loss(models, features, label, rows, counts["align"])
     return losses
+
+
+def probe_step(models, batch, t, noise, latent_noise, args, counts):
+    """One micro-step of probe pre-training (before InnerControl fine-tuning): the probe learns to read the control
+    map from the frozen UNet's decoder features (the frozen ControlNet in the forward), at every t. Returns
+    {"probe": loss}; only the probe gets a gradient."""
+    # the batch -> noisy latents, prompt embeddings, the ControlNet's input and the label
+    x_t, t_dev, context, control, label = noisy_inputs(models, batch, t, noise, latent_noise)
+
+    # forward through the frozen networks: nothing upstream of the probe needs a graph
+    with models.autocast(), torch.no_grad():
+        residuals = models.controlnet(x_t, t_dev, context, control)
+        _, features = models.sd.unet(x_t, t_dev, context, control=residuals, return_features=True)
+
+    # the probe's loss (the features come in the compute dtype; the probe trains in fp32)
+    with models.autocast():
+        if args.probe_loss == "alignment":  # what the alignment loss will ask of it, on every sample
+            every_row = torch.arange(len(t))
+            return {"probe": alignment_loss(models, features, label, every_row, counts["all"])}
+        # Readout Guidance: the probe's output against the ControlNet's input, at full resolution
+        pred01 = probe_output01(models.probe(features).float(), size=control.shape[-2:])
+        return {"probe": masked_mean(per_sample_mse(pred01, control), counts["all"])}
+
+
+# What one micro-step of each --stage is.
+STEPS = {"finetune": training_step, "probe": probe_step}
 
 
 def draw_timesteps(args, step, n):
@@ -222,20 +291,28 @@ def draw_noise(args, models, step, micro, rank, world_size, n):
 # Models, optimizer, EMA.
 
 class Models:
-    """Everything the step needs: frozen parts in the compute dtype, the ControlNet (or the probe) in fp32."""
+    """Everything a step needs. Frozen networks run in the compute dtype; the one being trained (the ControlNet, or
+    the probe with --stage probe) keeps fp32 weights."""
 
     def __init__(self, args, sd, controlnet, probe=None, reward_model=None, annotator=None):
         self.args, self.sd, self.controlnet, self.probe = args, sd, controlnet, probe
         self.reward_model, self.annotator, self.control = reward_model, annotator, args.control
         self.device = torch.device(args.device)
-        self.compute_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+        self.compute_dtype = cli.DTYPES[args.mixed_precision]
         fused.install(sd, controlnet, reward_model, annotator)  # faster layers, same function (fused.py)
         fused.keep_freed_memory(self.device)  # CPU: each step reuses the memory the last one freed (fused.py)
-        for m in [sd.unet, sd.vae, sd.text_encoder, reward_model, annotator] + [probe] * (args.stage == "finetune"):
+        for m in (sd.unet, sd.vae, sd.text_encoder, reward_model, annotator):
             if m is not None:
                 m.requires_grad_(False).eval().to(self.device, self.compute_dtype)
-        controlnet.to(self.device, torch.float32).train()
-        if args.stage == "probe":
+        controlnet.to(self.device, torch.float32)  # fp32 weights, trained or not: it runs under autocast
+        # fine-tuning trains the ControlNet and reads the frozen probe; probe pre-training trains the probe on the
+        # frozen ControlNet
+        self.trained = "probe" if args.stage == "probe" else "controlnet"
+        if self.trained == "controlnet":
+            controlnet.train()
+            if probe is not None:
+                probe.requires_grad_(False).eval().to(self.device, self.compute_dtype)
+        else:
             controlnet.requires_grad_(False).eval()
             probe.to(self.device, torch.float32).train()
         if args.grad_checkpointing:
@@ -246,7 +323,12 @@ class Models:
         return nullcontext() if fp32 else torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def trainable(self):
-        return self.probe if self.args.stage == "probe" else self.controlnet
+        """The module being trained, as the step calls it (a DistributedDataParallel wrapper once `use` set one)."""
+        return getattr(self, self.trained)
+
+    def use(self, wrapped):
+        """Call the trained module through `wrapped` (DistributedDataParallel) from now on."""
+        setattr(self, self.trained, wrapped)
 
 
 def make_optimizer(args, module):
@@ -401,7 +483,7 @@ class Progress:
                                   if k.startswith("loss_") or k == "mfu"})
         if vals[-1] >= 10:
             raise RuntimeError(f"stopping: the last {int(vals[-1])} steps had a non-finite loss or gradient (all "
-                               f"skipped). Lower --lr, or try --mixed-precision bf16/no; the last good checkpoint "
+                               f"skipped). Lower --lr, or try --mixed-precision bf16/fp32; the last good checkpoint "
                                f"is {os.path.join(args.out, 'checkpoint.pt')}")
         self.sums, self.since, self.t0 = {}, 0, time.perf_counter()
 
@@ -422,18 +504,23 @@ def write_sample_grid(args, models, dataset, step, ema=None):
 # The loop.
 
 def train(args, models, dataset, rank=0, world_size=1, log=print):
-    """Run args.max_steps optimizer steps of args.method (or of the probe stage); returns the final step.
-    Resumable from OUT/checkpoint.pt; logs to OUT/log.jsonl."""
+    """Run args.max_steps optimizer steps of this --stage's step (STEPS: the ControlNet's training_step, or the
+    probe's probe_step); returns the final step. Resumable from OUT/checkpoint.pt; logs to OUT/log.jsonl."""
     os.makedirs(args.out, exist_ok=True)
+    step_fn = STEPS[args.stage]
     module = models.trainable()
     opt, sched = make_optimizer(args, module)
     scaler = torch.amp.GradScaler(models.device.type, enabled=args.mixed_precision == "fp16")
-    ema = copy.deepcopy(module).requires_grad_(False) if args.ema and args.stage == "finetune" else None
+    ema = None
+    if args.ema and models.trained == "controlnet":
+        ema = copy.deepcopy(module).requires_grad_(False)
     step, skipped = restore(args, module, opt, sched, scaler, ema, log if rank == 0 else None)
     if step >= args.max_steps:
         return step
-    model = torch.nn.parallel.DistributedDataParallel(module) if world_size > 1 else module
-    setattr(models, "probe" if args.stage == "probe" else "controlnet", model)
+    model = module
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(module)
+        models.use(model)
     if args.compile:
         models.sd.unet, models.controlnet = torch.compile(models.sd.unet), torch.compile(models.controlnet)
     B, W, A = args.batch_size, world_size, args.grad_accum
@@ -442,8 +529,10 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
     progress = Progress(args, models, step, rank, W, skipped)
     bad_streak = torch.zeros((), device=models.device)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    save = lambda: save_checkpoint(ckpt_path, checkpoint_state(module, ema, opt, sched, scaler, step,  # noqa: E731
-                                                               progress.skipped_data))
+
+    def save():
+        state = checkpoint_state(module, ema, opt, sched, scaler, step, progress.skipped_data)
+        save_checkpoint(ckpt_path, state)
     try:
         while step < args.max_steps:
             t_all = draw_timesteps(args, step, B * W * A)  # the whole optimizer batch's timesteps
@@ -458,7 +547,7 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
                 # forward backward (DDP averages gradients over processes at the last micro-step; the losses are
                 # normalised by the whole optimizer batch already, so scale by W)
                 with (model.no_sync() if W > 1 and a < A - 1 else nullcontext()), progress.count_flops():
-                    losses = training_step(models, batch, t, noise, latent_noise, args, counts)
+                    losses = step_fn(models, batch, t, noise, latent_noise, args, counts)
                     loss = sum(losses.values())
                     scaler.scale(loss * W).backward()
                 total = total + loss.detach()
@@ -488,24 +577,26 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
 
 def build_models(args):
     """Load SD1.x, the ControlNet (or a new one from the UNet), the probe and the reward model."""
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    sd = formats.load_sd(args.weights, dtype=dtype)
-    controlnet = formats.load_controlnet(args.controlnet, sd.unet.config) if args.controlnet \
-        else ControlNet.from_unet(sd.unet)
+    sd = formats.load_sd(args.weights, dtype=cli.DTYPES[args.mixed_precision])
+    if args.controlnet:
+        controlnet = formats.load_controlnet(args.controlnet, sd.unet.config)
+    else:
+        controlnet = ControlNet.from_unet(sd.unet)
     probe = None
-    if args.stage == "probe":
+    if args.stage == "probe":  # a new probe to pre-train
         probe = Probe(ProbeConfig.for_unet(sd.unet.config))
-    elif args.method == "innercontrol":
+    elif args.method == "innercontrol":  # InnerControl reads the features with a pre-trained probe
         if not args.probe:
             raise cli.CLIError("--method innercontrol needs --probe PATH (pre-train one with --stage probe)")
         probe = formats.load_probe(args.probe)
     # the reward model scores decoded images (ControlNet++, InnerControl); for hed/lineart it makes every label
+    scores_images = args.stage == "finetune" and args.method in ("controlnet++", "innercontrol")
     reward_model = None
-    if (args.stage == "finetune" and args.method in ("controlnet++", "innercontrol")) or args.control != "depth":
+    if scores_images or args.control != "depth":
         if not args.reward_model:
             raise cli.CLIError(f"--control {args.control} with --method {args.method} needs --reward-model PATH "
-                                  "(depth: a DPT folder such as Intel/dpt-hybrid-midas; hed: ControlNetHED.pth; "
-                                  "lineart: model.pth of awacke1/Image-to-Line-Drawings, or sk_model.pth)")
+                               "(depth: a DPT folder such as Intel/dpt-hybrid-midas; hed: ControlNetHED.pth; "
+                               "lineart: model.pth of awacke1/Image-to-Line-Drawings, or sk_model.pth)")
         reward_model = formats.load_reward_model(args.control, args.reward_model)
     annotator = reward_model if args.control in ("hed", "lineart") else None
     return Models(args, sd, controlnet, probe, reward_model, annotator)
@@ -527,18 +618,21 @@ def finish(args, models):
         raise RuntimeError("stopping: every step so far was skipped (a non-finite loss or gradient; with fp16 the "
                            "first steps are, while the loss scale settles): nothing to save; run more steps")
     ck = load_checkpoint(os.path.join(args.out, "checkpoint.pt"), "cpu")
-    net = unwrap(models.probe if args.stage == "probe" else models.controlnet)
+    net = unwrap(models.trainable())
     net.load_state_dict(ck["ema"] if ck.get("ema") is not None else ck["trainable"])
-    path = os.path.join(args.out, "probe.safetensors" if args.stage == "probe" else "controlnet.safetensors")
-    (formats.save_probe if args.stage == "probe" else formats.save_controlnet)(net, path)
+    path = os.path.join(args.out, f"{models.trained}.safetensors")
+    if models.trained == "probe":
+        formats.save_probe(net, path)
+    else:
+        formats.save_controlnet(net, path)
     return path
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not {"--weights", "-h", "--help"} & {flag.split("=")[0] for flag in argv}:
+        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "shapes.py"), *argv])  # no weights: shapes.py
     args = parse_args(argv)
-    if args.weights is None:
-        import shapes  # no weights given: train the whole shapes world on this machine (the one import upward)
-        return shapes.run(args)
     rank, world_size, device = setup_distributed()
     args.device = device or args.device
     if device:
@@ -550,12 +644,12 @@ def main(argv=None):
         models = build_models(args)
         annotator = None
         if models.reward_model is not None:  # rows without a depth map (or stored label) get one from the model
-            annotator = lambda image01: labels.reward_prediction(args.control, models.reward_model, image01)  # noqa
+            annotator = functools.partial(labels.reward_prediction, args.control, models.reward_model)
         column = args.control_column if args.control == "depth" else args.label_column
-        dataset = data.ControlDataset(args.data, args.resolution, control_column=column,
+        dataset = data.ControlDataset(args.data, args.resolution, control_column=column, resize=args.resize,
                                       random_crop=args.random_crop, annotator=annotator)
     except (cli.CLIError, formats.CheckpointError, data.DataError) as e:
-        sys.exit(f"train.py: error: {' '.join(str(e).split())}")
+        cli.fail("train.py", e)
     try:
         train(args, models, dataset, rank, world_size)
         if rank == 0:

@@ -143,7 +143,8 @@ def inception():
 
 def test_inception_matches_torch_fidelity(inception, tmp_path):
     if not _register_torch_fidelity():
-        pytest.skip("torch-fidelity is not installed")
+        pytest.skip("torch-fidelity is not installed: `pip install --no-deps torch-fidelity==0.4.0` (as .ci/run does; "
+                    "with its dependencies it would bring a torchvision that replaces this torch)")
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     torch.save(inception.state_dict(), tmp_path / "inception.pth")
     ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],

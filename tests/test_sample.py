@@ -409,19 +409,31 @@ def test_cli_bad_input_subprocess(bad_files, name):
     assert len(lines) == 1 and phrase in lines[0], r.stderr
 
 
-def test_cli_uses_trained_shapes_world_by_default(world, tmp_path, monkeypatch):
-    run = tmp_path / sample.DEFAULT_SHAPES_RUN
-    for stage in ("base", "controlnet"):
-        (run / stage).mkdir(parents=True)
-        (run / stage / "done.json").write_text("{}")
-    shutil.copy(world.dir / "with-meta.safetensors", run / "base" / "sd.safetensors")
-    formats.save_controlnet(formats.load_controlnet(world.controlnet_file), run / "controlnet" / "controlnet.safetensors")
+def test_cli_uses_the_newest_model_folder_by_default(world, tmp_path, monkeypatch):
+    """No --weights: the newest runs/*/model/ folder (what `python train.py --control depth` leaves), read through
+    formats.load_sd like any other model file, with its bundled ControlNet; an older folder is not used."""
+    old, new = tmp_path / "runs" / "old" / "model", tmp_path / "runs" / "new" / "model"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        shutil.copy(world.dir / "with-meta.safetensors", folder / "sd.safetensors")
+        formats.save_controlnet(formats.load_controlnet(world.controlnet_file), folder / "controlnet.safetensors")
+    (old / "controlnet.safetensors").write_bytes(b"not a checkpoint")  # picked up, it would fail
+    os.utime(old / "sd.safetensors", (1, 1))
     monkeypatch.chdir(tmp_path)
     sample.main(["--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--cond", str(world.cond), "--steps", str(STEPS),
                  "--seed", str(SEED), "--out", "default.png"])  # no --size: the map's own 64x64
     image = Image.open(tmp_path / "default.png")
-    assert (image.text["weights"], image.text["controlnet"]) == ("sd.safetensors", "controlnet.safetensors")
+    assert (image.text["weights"], image.text["controlnet"]) == ("model", "controlnet.safetensors")
     check_close(np.asarray(image.convert("RGB")), reference(world, PROMPT)[0])
+
+
+def test_cli_without_weights_or_model_folder_says_what_to_do(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--prompt", PROMPT, "--cond", str(world.cond)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no model folder" in err[0] and "python train.py --control depth" in err[0]
 
 
 def test_generate_batched_controls_and_no_controlnet(world):

@@ -207,7 +207,7 @@ def test_probe_stage_can_train_on_the_alignment_comparison(world, monkeypatch):
     values = {}
     for loss in ("control", "alignment"):
         args, models = make_models(world, "--stage", "probe", "--probe-loss", loss)
-        losses = train.training_step(models, batch, t, n, torch.zeros_like(n), args, train.eligible_counts(args, t))
+        losses = train.probe_step(models, batch, t, n, torch.zeros_like(n), args, train.eligible_counts(args, t))
         values[loss] = losses["probe"]
     (_, _, label, rows, count), = calls  # called once, by the alignment run
     assert rows.tolist() == [0, 1, 2, 3] and count == 4.0

@@ -64,6 +64,7 @@ from probe import Probe, ProbeConfig, probe_output01
 # single-threaded process per core; the other stages use every core.
 PRESET = dict(
     size=64, n_train=1500, n_test=128, seeds=(0, 1), device="cpu",
+    world_seed=0,  # another value: another trajectory (other renders, initialisations, batches and noise; world())
     vae_ch=16, vae_mult=(1, 2, 4), vae_steps=1000, vae_batch=8, vae_lr=1e-3, vae_object_weight=10.0, vae_kl=1e-2,
     unet_ch=64, unet_res_blocks=1, unet_heads=2, base_steps=800, base_batch=32, base_lr=5e-4, caption_dropout=0.1,
     base_snr_gamma=5.0,  # Min-SNR-gamma weighting of the base model's loss (train.min_snr_weight)
@@ -127,7 +128,7 @@ def preset():
 # use (its own preset entries, the control type, and the stages it is built from).
 
 STAGES = {  # stage: (the preset entries that change its result, the stages it reads)
-    "data": (("size", "n_train", "n_test"), ()),
+    "data": (("size", "n_train", "n_test", "world_seed"), ()),
     "vae": (("vae_ch", "vae_mult", "vae_steps", "vae_batch", "vae_lr", "vae_object_weight", "vae_kl"), ("data",)),
     "base": (("unet_ch", "unet_res_blocks", "unet_heads", "base_steps", "base_batch", "base_lr", "caption_dropout",
               "base_snr_gamma"), ("vae",)),
@@ -222,6 +223,13 @@ def load_arrays(root, control, size):
                     for r in ds.rows])
     return (torch.stack([x["image"] for x in items]), torch.stack([x["control"] for x in items]),
             torch.from_numpy(ids >= 2).float()[:, None], [x["text"] for x in items])
+
+
+def world(P, seed):
+    """Every seed of the run shifted by the preset's world_seed: world_seed 0 is the default run; any other value
+    runs the whole pipeline on an independent trajectory (renders, initialisations, batches, noise, fine-tuning and
+    sampling seeds), to check that a conclusion does not hang on one draw."""
+    return seed + 100_000 * P["world_seed"]
 
 
 def batch_indices(step, n, batch, seed):
@@ -351,7 +359,8 @@ def stage_data(root, P, control):
         t0 = time.perf_counter()
         workers = min(os.cpu_count() or 1, 8) if P["n_train"] >= 200 else 0
         for split, n, seed in (("train", P["n_train"], 1), ("test", P["n_test"], 2)):  # held-out: another seed
-            shapes_render.write_shapes_dataset(os.path.join(d, split), n, seed=seed, size=P["size"], control=control,
+            shapes_render.write_shapes_dataset(os.path.join(d, split), n, seed=world(P, seed), size=P["size"],
+                                               control=control,
                                                num_workers=workers if n >= 200 else 0)
         mark_done(d, settings(P, control, "data"), seconds=time.perf_counter() - t0)
     return os.path.join(d, "train"), os.path.join(d, "test")
@@ -363,17 +372,17 @@ def stage_vae(root, P, cfg, control, images, objects):
     the renderer's exact object mask (dilated a pixel, for the edges) tells where to look (README)."""
     d, dev = os.path.join(root, "vae"), torch.device(P["device"])
     done = header(2, "vae", d, f"{P['vae_steps']} steps, batch {P['vae_batch']}", settings(P, control, "vae"))
-    torch.manual_seed(0)
+    torch.manual_seed(world(P, 0))
     vae = fused.install(model.VAE(cfg.vae)).to(dev)
     if not done:
         t0 = time.perf_counter()
         weight = 1 + (P["vae_object_weight"] - 1) * F.max_pool2d(objects, 3, 1, 1)
 
         def loss_fn(step):
-            idx = batch_indices(step, len(images), P["vae_batch"], 10)
+            idx = batch_indices(step, len(images), P["vae_batch"], world(P, 10))
             x, w = images[idx].to(dev), weight[idx].to(dev)
             mean, logvar = vae.encode(x)
-            g = torch.Generator(dev).manual_seed(step)
+            g = torch.Generator(dev).manual_seed(world(P, step))
             rec = vae.decode(mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g, device=dev))
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
             # L1 + MSE keeps edges sharper than MSE alone; the KL keeps the latent space smooth, which the base
@@ -418,7 +427,7 @@ def stage_base(root, P, cfg, control, tokenizer, vae, images, texts):
               settings(P, control, "base")):
         return formats.load_sd(path, device=dev)
     t0 = time.perf_counter()
-    torch.manual_seed(0)
+    torch.manual_seed(world(P, 0))
     sd = fused.install(model.StableDiffusion(cfg, tokenizer)).to(dev)
     sd.vae.load_state_dict(vae.state_dict())
     with torch.no_grad():
@@ -426,8 +435,8 @@ def stage_base(root, P, cfg, control, tokenizer, vae, images, texts):
         ids, empty = tokenizer(texts).to(dev), tokenizer([""]).to(dev)
 
     def loss_fn(step):
-        g = torch.Generator(dev).manual_seed(step)
-        idx = batch_indices(step, len(latents), P["base_batch"], 20).to(dev)
+        g = torch.Generator(dev).manual_seed(world(P, step))
+        idx = batch_indices(step, len(latents), P["base_batch"], world(P, 20)).to(dev)
         x0, tok = latents[idx], ids[idx].clone()
         drop = torch.rand(len(idx), generator=g, device=dev) < P["caption_dropout"]  # for classifier-free guidance
         tok[drop] = empty
@@ -450,12 +459,12 @@ def train_annotator(root, P, control, name, i, images=None, truths=None):
     if images is None:
         images, truths, _, _ = load_arrays(os.path.join(root, "data", "train"), control, P["size"])
     target = labels.depth_label(truths) if control == "depth" else truths[:, :1]
-    torch.manual_seed(100 + i)
+    torch.manual_seed(world(P, 100 + i))
     net = ANNOTATORS[name](P["annotator_width"], "depth" if control == "depth" else "edges").to(dev)
     t0 = time.perf_counter()
 
     def loss_fn(step):
-        idx = batch_indices(step, len(images), P["annotator_batch"], 30 + i)
+        idx = batch_indices(step, len(images), P["annotator_batch"], world(P, 30 + i))
         x = (images[idx].to(dev) + 1) / 2
         return F.mse_loss(labels.reward_prediction(control, net, x), target[idx].to(dev))
 
@@ -524,6 +533,22 @@ def run_train_stage(out, P, sd, controlnet, probe, reward_model, dataset, method
     return path, seconds
 
 
+def loss_trend(d, key, window=100):
+    """Whether a loss has flattened: over the last `window` steps of train.py's log, its mean, the least-squares
+    slope per 100 steps and that slope over the mean. None without enough logged steps."""
+    rows = []
+    if os.path.exists(os.path.join(d, "log.jsonl")):
+        with open(os.path.join(d, "log.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    last = [r for r in rows if key in r and r["step"] > rows[-1]["step"] - window] if rows else []
+    if len(last) < 3:
+        return None
+    steps, losses = np.array([r["step"] for r in last], float), np.array([r[key] for r in last], float)
+    slope = np.polyfit(steps, losses, 1)[0] * 100
+    return {"window": int(steps[-1] - steps[0]) + int(steps[1] - steps[0]), "loss": float(losses.mean()),
+            "slope_per_100": float(slope), "relative": float(slope / losses.mean())}
+
+
 def log_step_time(d):
     """Median step time from train.py's log (the first interval holds the FLOP count, so it is skipped)."""
     rows = []
@@ -539,12 +564,12 @@ def stage_controlnet(root, P, sd, reward_model, train_dir, control):
     made_with = settings(P, control, "controlnet")
     if not header(5, "controlnet", d, f"from the base UNet, diffusion loss only, {P['controlnet_steps']} steps, "
                                       f"batch {P['controlnet_batch']}", made_with):
-        torch.manual_seed(0)
+        torch.manual_seed(world(P, 0))
         # the hint encoder halves the control as often as the VAE halves the image: two stride-2 steps for 4x
         widths = HINT_BLOCK_CHANNELS[:2 * int(math.log2(sd.vae.cfg.factor)) + 1]
         _, seconds = run_train_stage(d, P, sd, ControlNet.from_unet(sd.unet, 3, widths), None, reward_model, train_dir,
                                      "controlnet", "finetune", control, P["controlnet_steps"], P["controlnet_batch"],
-                                     P["controlnet_lr"], 0, ("--ema",) * P["controlnet_ema"] +
+                                     P["controlnet_lr"], world(P, 0), ("--ema",) * P["controlnet_ema"] +
                                      ("--snr-gamma", str(P["controlnet_snr_gamma"])), P["controlnet_empty_prompts"])
         mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
     return os.path.join(d, "controlnet.safetensors")
@@ -555,14 +580,18 @@ def stage_probe(root, P, sd, controlnet_path, reward_model, train_dir, control):
     made_with = settings(P, control, "probe")
     if not header(6, "probe", d, f"reads the control from the frozen UNet's decoder features, {P['probe_steps']} "
                                  f"steps, batch {P['probe_batch']}", made_with):
-        torch.manual_seed(0)
+        torch.manual_seed(world(P, 0))
         probe = Probe(ProbeConfig.for_unet(sd.unet.config))
         path, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model, train_dir,
                                         "innercontrol", "probe", control, P["probe_steps"], P["probe_batch"],
-                                        P["probe_lr"], 0, ("--probe-loss", P["probe_loss"]))
+                                        P["probe_lr"], world(P, 0), ("--probe-loss", P["probe_loss"]))
         check_probe(sd, load_controlnet(controlnet_path, device=P["device"]), load_probe(path, device=P["device"]),
                     reward_model, train_dir, control, P)
-        mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d))
+        trend = loss_trend(d, "loss_probe")
+        if trend:
+            print(f"  probe loss over its last {trend['window']} steps: {trend['loss']:.4g}, slope "
+                  f"{trend['slope_per_100']:+.2g} per 100 steps ({trend['relative']:+.1%} of the loss)", flush=True)
+        mark_done(d, made_with, seconds=seconds, step_time=log_step_time(d), loss_trend=trend)
     return os.path.join(d, "probe.safetensors")
 
 
@@ -605,7 +634,7 @@ def finetune_one(root, P, control, method, seed, sd=None, reward_model=None):
     _, seconds = run_train_stage(d, P, sd.requires_grad_(False).eval(),
                                  load_controlnet(os.path.join(root, "controlnet", "controlnet.safetensors")),
                                  probe, reward_model, os.path.join(root, "data", "train"), method, "finetune", control,
-                                 P["finetune_steps"], P["finetune_batch"], P["finetune_lr"], seed,
+                                 P["finetune_steps"], P["finetune_batch"], P["finetune_lr"], world(P, seed),
                                  ("--ema",) * P["finetune_ema"] + P["finetune_args"])  # e.g. ["--alpha", "0.5"]
     mark_done(d, settings(P, control, "finetune", method=method, seed=seed), seconds=seconds,
               step_time=log_step_time(d))
@@ -732,7 +761,8 @@ def evaluate_one(root, P, control, controlnet_path, texts, cond, label, real_fea
     # every row starts from the same initial noise (seed eval_seed): the rows differ only in their ControlNet, and
     # the spread over the fine-tuning seeds is the training's, not the sampler's
     gen = evaluation.generate_images(sd, texts, None if controlnet is None else cond.to(P["device"]), controlnet,
-                                     steps=P["eval_steps"], guidance=P["guidance"], seed=P["eval_seed"], size=P["size"])
+                                     steps=P["eval_steps"], guidance=P["guidance"], seed=world(P, P["eval_seed"]),
+                                     size=P["size"])
     scores = evaluation.controllability(control, evaluator, gen.to(P["device"]), label.to(P["device"])).cpu()
     return gen, scores, metrics.fid(real_features, evaluation.evaluator_features(evaluator, gen.to(P["device"])))
 
@@ -829,7 +859,8 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     table += [(f"{NAMES[m]} (+{P['finetune_steps']} steps)", [res[m, s][1].mean().item() for s in P["seeds"]],
                [res[m, s][2] for s in P["seeds"]]) for m in METHODS]
     probe_rows = probe_error_by_timestep(sd, load_controlnet(controlnet_path, device=dev), load_probe(probe_path,
-                                         device=dev), reward_model, truths, images, texts, control)
+                                         device=dev), reward_model, truths, images, texts, control,
+                                         seed=world(P, 0))
     k = min(FIGURE_ROWS, len(images))
     save_figure(os.path.join(root, "figure.png"),
                 [cond[:k], (images[:k] + 1) / 2, res["base", 0][0][:k], res["start", 0][0][:k]]
@@ -845,13 +876,32 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
                "table": [{"method": m, "score": s, "fd": f} for m, s, f in table], "pairs": pairs, "floor": floor,
                "per_scene": per_scene,
                "probe_by_timestep": [{k2: v for k2, v in r.items() if k2 in ("bucket", "probe_rmse", "x0_reward_rmse")}
-                                     for r in probe_rows], "preset": P}
+                                     for r in probe_rows], "preset": P,
+               "probe_training": done_info(os.path.join(root, "probe")).get("loss_trend")}
+    results["checks"] = demonstration_checks(results)
     mark_done(d, settings(P, control, "eval"), seconds=time.perf_counter() - t0)
     results["seconds"] = stage_seconds(root)
     with open(os.path.join(root, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=1)
     os.replace(os.path.join(root, "results.json.tmp"), os.path.join(root, "results.json"))
     return results
+
+
+def demonstration_checks(results):
+    """Does fine-tuning matter in this run, and can its pairs be told apart? The best method's gain over stage 5, as
+    a share of stage 5's distance to the floor (the evaluator on the VAE's reconstructions) and in units of that
+    method's std over fine-tuning seeds, and the widest pair interval's half-width over that gain."""
+    sign = -1 if results["control"] == "depth" else 1  # depth RMSE: lower is better; SSIM: higher
+    rows = {r["method"]: np.asarray(r["score"], np.float64) for r in results["table"]}
+    start = float(next(v for k, v in rows.items() if k.startswith("ControlNet (stage 5")).mean())
+    tuned = {k: v for k, v in rows.items() if "(+" in k}
+    best = max(tuned, key=lambda k: sign * tuned[k].mean())
+    gain = sign * (tuned[best].mean() - start)
+    distance = sign * (results["floor"]["reconstruction"] - start)
+    half_width = max((p["hi"] - p["lo"]) / 2 for p in results["pairs"])
+    return {"best": best, "gain": float(gain), "gain_over_distance_to_floor": float(gain / distance) if distance else
+            float("nan"), "gain_over_seed_std": float(gain / tuned[best].std()) if tuned[best].std() > 0 else
+            float("inf"), "widest_pair_half_width_over_gain": float(half_width / gain) if gain else float("inf")}
 
 
 def stage_seconds(root):
@@ -889,6 +939,15 @@ def print_results(results):
     print("| --- | --- | --- |")
     for r in results["probe_by_timestep"]:
         print(f"| {r['bucket']} | {r['probe_rmse']:.2f} | {r['x0_reward_rmse']:.2f} |")
+    if results.get("probe_training"):
+        t = results["probe_training"]
+        print(f"\nprobe training loss over its last {t['window']} steps: {t['loss']:.4g}, slope "
+              f"{t['slope_per_100']:+.2g} per 100 steps ({t['relative']:+.1%} of the loss)")
+    if results.get("checks"):
+        c = results["checks"]
+        print(f"\n{c['best']}: {c['gain']:{fmt}} better than stage 5, {c['gain_over_distance_to_floor']:.2f} of stage "
+              f"5's distance to the floor, {c['gain_over_seed_std']:.1f}x its std over seeds; the widest pair "
+              f"interval is ±{c['widest_pair_half_width_over_gain']:.2f}x that gain")
     if results.get("seconds"):
         print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
 

@@ -28,12 +28,14 @@ def main():
     args = p.parse_args()
     results = os.path.join(args.run, "results.json")
     if not os.path.exists(results):
-        sys.exit(f"shapes_rescore.py: error: {results} not found; finish the run first (python train.py --control ...)")
-    if args.seed in (1, 2):
-        sys.exit("shapes_rescore.py: error: seeds 1 and 2 render the run's own training and held-out scenes; pick another")
+        sys.exit(f"shapes_rescore.py: error: {results} not found; finish the run first (python shapes.py --control ...)")
     with open(results) as f:
         done = json.load(f)
     P, control = done["preset"], done["control"]
+    P.setdefault("world_seed", 0)  # runs from before the preset had it
+    if args.seed in (shapes.world(P, 1), shapes.world(P, 2)):
+        sys.exit(f"shapes_rescore.py: error: seed {args.seed} renders the run's own training or held-out scenes; "
+                 "pick another")
     P["device"] = "cpu"
     scenes_dir = os.path.join(args.run, f"rescore-{args.scenes}-seed{args.seed}")
     if not os.path.exists(os.path.join(scenes_dir, "metadata.jsonl")):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import fused
 import model
 import reward
@@ -317,7 +318,7 @@ TINY_HYBRID = dict(is_hybrid=True, hidden_size=32, num_hidden_layers=2, num_atte
 def train_setup(device, precision="fp16", **changes):
     """What a training line runs: the device, mixed precision, images, batch (its timesteps) and micro-batches."""
     cuda = device == "cuda"
-    setup = dict(device=device, precision=precision if cuda else "no", resolution=512 if cuda else 256,
+    setup = dict(device=device, precision=precision if cuda else "fp32", resolution=512 if cuda else 256,
                  timesteps=list(TIMESTEPS), micro=MICRO_STEPS or (1 if cuda else 2), grad_checkpointing=False,
                  config=os.environ.get("BENCH_TRAIN_CONFIG", "sd15"))
     return {**setup, **changes}
@@ -470,7 +471,7 @@ def reference_train_step(method, models, setup, t_reward=400, lambda_reward=0.5,
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[setup["precision"]]
+    dtype = cli.DTYPES[setup["precision"]]
     m = build_train_reference(models, method, dtype)
     unet, controlnet, vae, text, reward_model, probe = (m[k] for k in ("unet", "controlnet", "vae", "text", "reward",
                                                                        "probe"))

@@ -2,8 +2,10 @@
 
 1. `ControlDataset`: a folder in the Hugging Face "imagefolder" layout: `metadata.jsonl` holds one JSON object per
    line with `file_name` (the image), `text` (the caption) and a control column (`conditioning_file_name` unless told
-   otherwise), paths relative to the folder. Image and control are cropped and resized by one shared box, so they
-   stay pixel-aligned whatever their sizes; a missing or corrupt file skips the sample (counted), never the run.
+   otherwise), paths relative to the folder. Image and control are brought to resolution x resolution together, so
+   they stay pixel-aligned whatever their sizes: `resize="squash"` (the default, upstream's) resizes both straight to
+   the square, aspect not kept (bicubic, antialiased); `resize="crop"` resizes the short side (bilinear) and crops a
+   square by one shared box, centred or random. A missing or corrupt file skips the sample (counted), never the run.
 2. `make_loader`: a DataLoader whose order is a pure function of (seed, epoch, step), so a run split over DDP ranks
    sees the samples of one process with the whole batch, and a resumed run picks up at the exact batch.
 
@@ -104,6 +106,9 @@ def crop_box(size, resolution, rng=None):
     return x0 / rw, y0 / rh, (x0 + resolution) / rw, (y0 + resolution) / rh
 
 
+RESIZE_MODES = ("squash", "crop")
+
+
 def open_image(path, resolution=None):
     """Open and fully decode an image file (raises on a missing, truncated or unreadable file)."""
     with Image.open(path) as img:
@@ -149,7 +154,12 @@ def to_rgb01(img, box=None, size=None, resample=Image.BILINEAR):
 
 
 class ControlDataset(torch.utils.data.Dataset):
-    """(image, control, caption) samples of an imagefolder dataset, cropped to resolution^2.
+    """(image, control, caption) samples of an imagefolder dataset, at resolution^2.
+
+    resize "squash": image and control resized straight to R x R with PIL's bicubic filter (antialiased), as
+    upstream's training and evaluation transforms do (torchvision's Resize((R, R), BICUBIC) on PIL images, which is
+    PIL's resize); a non-square picture is stretched. resize "crop": the short side resized to R (bilinear), then a
+    square crop, centred or (random_crop) drawn per (seed, epoch, index); random_crop needs "crop".
 
     dataset[i] -> dict(image (3,R,R) in [-1,1], control (3,R,R) in [0,1], text, index), or None when a file is
     missing or unreadable (collate drops and counts those). The loader indexes with (index, epoch, seed) keys, which
@@ -157,8 +167,12 @@ class ControlDataset(torch.utils.data.Dataset):
     returns (1,C,R,R), (C,R,R) or (R,R) in [0,1], C = 1 or 3. control_column None: no controls (control None)."""
 
     def __init__(self, root, resolution, control_column="conditioning_file_name", random_crop=False,
-                 annotator=None, seed=0):
-        self.root, self.resolution = os.fspath(root), int(resolution)
+                 annotator=None, seed=0, resize="squash"):
+        if resize not in RESIZE_MODES:
+            raise DataError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+        if random_crop and resize != "crop":
+            raise DataError(f'random_crop needs resize="crop" (resize="{resize}" keeps the whole picture)')
+        self.root, self.resolution, self.resize = os.fspath(root), int(resolution), resize
         self.control_column, self.random_crop = control_column, random_crop
         self.annotator, self.seed = annotator, seed
         self.rows = read_metadata(self.root, control_column)
@@ -176,16 +190,21 @@ class ControlDataset(torch.utils.data.Dataset):
         index, epoch, seed = key if isinstance(key, tuple) else (key, 0, self.seed)
         row, R = self.rows[index], self.resolution
         path = os.path.join(self.root, row.file_name)
+        crop = self.resize == "crop"
         try:
-            image = open_image(path, R)
+            # squash decodes JPEGs in full, as upstream does (a reduced-scale decode changes the pixels)
+            image = open_image(path, R if crop else None)
             control = None
             if row.control is not None:
                 path = os.path.join(self.root, row.control)
-                control = open_image(path, R)
-            rng = np.random.default_rng((seed, epoch, index)) if self.random_crop else None
-            box = crop_box(image.size, R, rng)
-            image01 = to_rgb01(image, box, R)
-            control01 = None if control is None else to_rgb01(control, box, R)
+                control = open_image(path, R if crop else None)
+            if crop:
+                rng = np.random.default_rng((seed, epoch, index)) if self.random_crop else None
+                box, resample = crop_box(image.size, R, rng), Image.BILINEAR
+            else:
+                box, resample = None, Image.BICUBIC
+            image01 = to_rgb01(image, box, R, resample)
+            control01 = None if control is None else to_rgb01(control, box, R, resample)
         except Exception as e:  # any failure to read one file costs one sample, never the run
             self.skipped += 1
             log.warning("skipping sample %d (metadata line %d): %s: %s", index, row.line, path, e)
@@ -208,9 +227,15 @@ def collate(samples, resolution):
     """Stack the samples that loaded; `skipped` counts the others (in the batch, because with worker processes the
     dataset's own counter lives in them). An empty batch (all skipped) holds (0, 3, R, R) tensors."""
     kept = [s for s in samples if s is not None]
-    stack = lambda k: torch.stack([s[k] for s in kept]) if kept else torch.empty(0, 3, resolution, resolution)  # noqa
+
+    def stack(key):
+        if not kept:
+            return torch.empty(0, 3, resolution, resolution)
+        return torch.stack([s[key] for s in kept])
+
+    no_controls = kept and kept[0]["control"] is None
     return dict(
-        image=stack("image"), control=None if kept and kept[0]["control"] is None else stack("control"),
+        image=stack("image"), control=None if no_controls else stack("control"),
         text=[s["text"] for s in kept],
         index=torch.tensor([s["index"] for s in kept], dtype=torch.long),
         skipped=len(samples) - len(kept),

@@ -310,7 +310,7 @@ def newest_model_folder(runs=RUNS):
     return max(folders)[1] if folders else None
 
 
-def parse_args(argv=None):
+def make_parser():
     p = cli.OneLineParser(prog="sample.py", description="Stable Diffusion 1.x + ControlNet sampling")
     what = p.add_argument_group("what to draw")
     what.add_argument("--prompt", required=True, help="the caption")
@@ -341,6 +341,11 @@ def parse_args(argv=None):
 
     output = p.add_argument_group("output")
     output.add_argument("--out", default="out.png", help="the image file (several: OUT_0.png, OUT_1.png, ...)")
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")

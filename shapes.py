@@ -968,7 +968,7 @@ def write_model_folder(root, controlnet_path, finetuned_path, probe_path):
 # ----------------------------------------------------------------------------------------------
 # The whole run
 
-def parse_args(argv=None):
+def make_parser():
     p = cli.OneLineParser(prog="shapes.py", description="InnerControl from scratch on a synthetic world of shapes, "
                           "on a CPU: every model the method needs, the three methods, the comparison",
                           epilog="Sizes and step counts: PRESET in shapes.py; SHAPES_PRESET='{\"finetune_steps\": "
@@ -976,7 +976,11 @@ def parse_args(argv=None):
     p.add_argument("--control", choices=list(labels.CONTROL_TYPES), default="depth", help="the kind of control map")
     p.add_argument("--out", help="the run's folder (default: runs/shapes-CONTROL)")
     p.add_argument("--fresh", action="store_true", help="delete the run's folder and start every stage over")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def main(argv=None):

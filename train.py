@@ -47,7 +47,7 @@ CONTROL_DEFAULTS = {
 }
 
 
-def parse_args(argv=None):
+def make_parser():
     p = cli.OneLineParser(prog="train.py", description=__doc__.split("\n")[0],
                           epilog="Without --weights, train.py runs the whole method from scratch on a small "
                                  "synthetic world instead, on a CPU (README).")
@@ -116,6 +116,11 @@ def parse_args(argv=None):
     output.add_argument("--save-every", type=int, default=500, help="write OUT/checkpoint.pt every N steps")
     output.add_argument("--sample-every", type=int, default=500, help="write a sample grid every N steps (0: never)")
 
+    return p
+
+
+def parse_args(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     for key, value in CONTROL_DEFAULTS[args.control].items():
         if getattr(args, key) is None:

@@ -94,7 +94,7 @@ def test_missing_control_column_needs_annotator(tmp_path):
 @pytest.mark.parametrize("random_crop", [False, True])
 def test_image_and_control_cropped_identically(tmp_path, random_crop):
     root = plain_dataset(tmp_path, 4, w=40, h=18)
-    ds = data.ControlDataset(root, R, random_crop=random_crop)
+    ds = data.ControlDataset(root, R, random_crop=random_crop, resize="crop")
     crops = set()
     for i in range(4):
         for epoch in range(3):
@@ -122,12 +122,107 @@ def test_control_at_another_resolution_stays_aligned(tmp_path, image_name, image
         return Image.fromarray(np.round(a * 255).astype(np.uint8)).convert("RGB")
     root = write_dataset(tmp_path, [dict(file_name=image_name, text="", conditioning_file_name="b.png")],
                          {image_name: smooth(*image_size), "b.png": smooth(60, 40)})
-    ds = data.ControlDataset(root, 32, random_crop=True)
+    ds = data.ControlDataset(root, 32, random_crop=True, resize="crop")
     for epoch in range(4):
         s = ds[(0, epoch, 0)]
         img, ctl = (s["image"] + 1) / 2, s["control"]
         assert (img - ctl).abs().mean() < 0.02
         assert (img[:, :, 2:] - ctl[:, :, :-2]).abs().mean() > 0.05
+
+
+def smooth_picture(w, h, mode="RGB"):
+    """A smooth non-square picture (so that resampling filters and misalignment both show)."""
+    y, x = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    a = np.stack([0.5 + 0.5 * np.sin(9 * x + 2 * np.cos(7 * y)) * np.cos(5 * y), x * y, 1 - x], -1)
+    return Image.fromarray(np.round(a * 255).astype(np.uint8)).convert(mode)
+
+
+def pil01(img):
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("image_name", ["a.png", "a.jpg"])
+def test_squash_is_pil_bicubic_resize(tmp_path, image_name):
+    """resize="squash" (the default): image and control stretched to R x R by PIL's bicubic filter, as upstream's
+    transforms do on PIL images; the aspect is not kept, nothing is cut, and a big JPEG is decoded in full."""
+    image, control = smooth_picture(300, 130), Image.fromarray(255 - np.asarray(smooth_picture(150, 65)))
+    root = write_dataset(tmp_path, [dict(file_name=image_name, text="", conditioning_file_name="c.png")],
+                         {image_name: image, "c.png": control})
+    s = data.ControlDataset(root, 32)[0]
+    stored = Image.open(tmp_path / image_name)
+    want_image = pil01(stored.convert("RGB").resize((32, 32), Image.BICUBIC))
+    want_control = pil01(control.convert("RGB").resize((32, 32), Image.BICUBIC))
+    assert (((s["image"] + 1) / 2 - want_image).abs().max() * 255).item() < 1e-3  # one 8-bit level: far inside
+    assert ((s["control"] - want_control).abs().max() * 255).item() < 1e-3
+    # aligned: the control (the inverted picture, stored at half size) lands on the image's content ...
+    img01 = (s["image"] + 1) / 2
+    assert (s["control"][1:] - (1 - img01[1:])).abs().mean() < 0.02
+    # ... and a one-pixel shift would not
+    assert (s["control"][1:, :, 1:] - (1 - img01[1:, :, :-1])).abs().mean() > 1.5 * \
+        (s["control"][1:] - (1 - img01[1:])).abs().mean()
+    # the whole picture is kept: the right edge of the stored image is the right edge of the sample
+    assert (img01[2, :, -1] - want_image[2, :, -1]).abs().max() < 1e-6 and img01[2, :, -1].max() < 0.05
+
+
+def test_crop_is_the_previous_behaviour(tmp_path):
+    """resize="crop": the short side resized (bilinear) and the centre square cut, by one box shared by image
+    and control, exactly as before resize existed."""
+    image = smooth_picture(60, 26)
+    root = write_dataset(tmp_path, [dict(file_name="a.png", text="", conditioning_file_name="c.png")],
+                         {"a.png": image, "c.png": Image.fromarray(255 - np.asarray(image))})
+    s = data.ControlDataset(root, R, resize="crop")[0]
+    box = data.crop_box(image.size, R)  # the centre crop, (17 / 60 .. 43 / 60) of the width
+    assert box == pytest.approx((17 / 60, 0.0, 43 / 60, 1.0))
+    want = torch.from_numpy(np.asarray(image.resize((R, R), Image.BILINEAR, box=(17, 0, 43, 26)),
+                                       dtype=np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close((s["image"] + 1) / 2, want, atol=1e-6, rtol=0)
+    # roughly what a naive resize-then-centre-crop gives (a sanity check of the box, not of the rounding)
+    naive = pil01(image.resize((round(60 * R / 26), R), Image.BILINEAR))[:, :, 10:10 + R]
+    assert ((s["image"] + 1) / 2 - naive).abs().mean() < 0.03
+    assert (s["control"] - (1 - (s["image"] + 1) / 2)).abs().max() < 2.5 / 255
+
+
+@pytest.mark.parametrize("resize", data.RESIZE_MODES)
+def test_16bit_control_keeps_precision_in_both_modes(tmp_path, resize):
+    h, w = 14, 40  # non-square: squash stretches, crop cuts
+    levels = np.round(np.linspace(0, 65535, w)).astype(np.uint16)
+    ramp = np.tile(levels, (h, 1))
+    root = write_dataset(tmp_path, [dict(file_name="a.png", text="", conditioning_file_name="d.png")],
+                         {"a.png": noise_image(0, w, h), "d.png": Image.fromarray(ramp)})
+    assert Image.open(tmp_path / "d.png").mode.startswith("I")
+    c = data.ControlDataset(root, R, resize=resize)[0]["control"]
+    f = Image.fromarray((ramp / 65535).astype(np.float32))
+    want = f.resize((R, R), Image.BICUBIC) if resize == "squash" else \
+        f.resize((R, R), Image.BILINEAR, box=tuple(v * s for v, s in zip(data.crop_box((w, h), R), (w, h, w, h))))
+    want = torch.from_numpy(np.clip(np.asarray(want), 0, 1))
+    torch.testing.assert_close(c, want.expand(3, R, R), atol=1e-6, rtol=0)
+    assert (c * 255 - (c * 255).round()).abs().max() > 0.05  # not 8-bit levels
+
+
+def test_resize_modes_refused(tmp_path):
+    root = plain_dataset(tmp_path, 1)
+    with pytest.raises(data.DataError, match="random_crop needs resize=.crop.") as e:
+        data.ControlDataset(root, R, random_crop=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match="resize must be one of squash, crop"):
+        data.ControlDataset(root, R, resize="stretch")
+
+
+def test_squash_matches_torchvision(tmp_path):
+    """Upstream's transform itself, where torchvision is installed."""
+    try:
+        from torchvision import transforms
+    except Exception as e:  # noqa: BLE001 (missing, or broken against this torch)
+        pytest.skip(f"torchvision not importable ({type(e).__name__}: {e}); the same check against PIL's bicubic "
+                    "resize runs in test_squash_is_pil_bicubic_resize")
+    image = smooth_picture(90, 37)
+    root = write_dataset(tmp_path, [dict(file_name="a.png", text="", conditioning_file_name="a.png")],
+                         {"a.png": image})
+    s = data.ControlDataset(root, 24)[0]
+    t = transforms.Compose([transforms.Resize((24, 24), interpolation=transforms.InterpolationMode.BICUBIC,
+                                              antialias=True), transforms.ToTensor()])
+    torch.testing.assert_close((s["image"] + 1) / 2, t(image.convert("RGB")), atol=1.01 / 255, rtol=0)
+    torch.testing.assert_close(s["control"], t(image.convert("RGB")), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("mode, pixel, expected", [
@@ -224,7 +319,7 @@ def test_loader_order_fixed_by_seed(tmp_path):
 
 
 def test_ddp_shards_match_one_process(tmp_path):
-    ds = data.ControlDataset(plain_dataset(tmp_path, 10, w=30, h=20), R, random_crop=True)
+    ds = data.ControlDataset(plain_dataset(tmp_path, 10, w=30, h=20), R, random_crop=True, resize="crop")
     one = list(zip(data.make_loader(ds, 4, seed=1, num_workers=0), range(7)))
     ranks = [list(zip(data.make_loader(ds, 2, seed=1, num_workers=0, rank=r, world_size=2), range(7)))
              for r in range(2)]
@@ -239,14 +334,14 @@ def test_ddp_shards_match_one_process(tmp_path):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_at_data_position(tmp_path, num_workers):
-    ds = data.ControlDataset(plain_dataset(tmp_path, 10, w=30, h=20), R, random_crop=True)
+    ds = data.ControlDataset(plain_dataset(tmp_path, 10, w=30, h=20), R, random_crop=True, resize="crop")
     run = list(zip(data.make_loader(ds, 3, seed=5, num_workers=0), range(8)))  # 3 batches per epoch
     for k in (2, 4):  # resume inside an epoch, crossing into the next
         resumed = list(zip(data.make_loader(ds, 3, seed=5, num_workers=num_workers, start_step=k), range(8 - k)))
         for (a, _), (b, _) in zip(run[k:], resumed):
             assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
     # the skipped batches are not even loaded
-    counting = CountingDataset(ds.root, R, random_crop=True)
+    counting = CountingDataset(ds.root, R, random_crop=True, resize="crop")
     next(iter(data.make_loader(counting, 3, seed=5, num_workers=0, start_step=50)))
     assert len(counting.calls) == 3 and all(epoch == 50 // 3 for _, epoch, _ in counting.calls)
 

@@ -2,14 +2,18 @@
 reference implementations; the protocol's labels, comparisons and row end to end."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import eval as evaluation
 import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- 8-bit RMSE -----------------------------------------------------------------------------------
@@ -237,9 +241,10 @@ def test_labels_and_inverted_lineart():
     assert (a - b).abs().max() <= 1 / 255 + 1e-6
 
 
-def test_main_end_to_end(tmp_path, capsys):
-    """`python eval.py` on tiny files of each kind (Stable Diffusion file, ControlNet, DPT folder, FID Inception
-    weights, a CLIP folder, an imagefolder dataset): one row of the table, as JSON and as text."""
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny files of each kind eval.py reads (Stable Diffusion file, ControlNet, DPT folder, FID Inception weights,
+    a CLIP folder, an imagefolder dataset of 6 shapes scenes), and the arguments that name them."""
     import controlnet
     import formats
     import model
@@ -248,6 +253,7 @@ def test_main_end_to_end(tmp_path, capsys):
     from safetensors.torch import save_file
     from test_metrics import save_tiny_clip_folder, tiny_clip_config
     from util import randomize_
+    tmp_path = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
     tok = model.Tokenizer.word_level(shapes_render.SHAPES_VOCAB, max_len=8)
     cfg = model.tiny()
@@ -266,16 +272,168 @@ def test_main_end_to_end(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in inception.state_dict().items()}, str(tmp_path / "inception.safetensors"))
     clip = randomize_(metrics.CLIP(tiny_clip_config(49407)), 4)
     save_tiny_clip_folder(tmp_path / "clip", clip)
-    shapes_render.write_shapes_dataset(tmp_path / "val", 3, seed=0, size=64)
-    evaluation.main(["--control", "depth", "--weights", str(tmp_path / "sd.safetensors"),
-                     "--controlnet", str(tmp_path / "cn.safetensors"), "--data", str(tmp_path / "val"),
-                     "--evaluator", str(tmp_path / "dpt"), "--inception", str(tmp_path / "inception.safetensors"),
-                     "--clip", str(tmp_path / "clip"), "--num", "2", "--images-per-cond", "2", "--steps", "2",
-                     "--resolution", "64", "--device", "cpu", "--out", str(tmp_path / "eval")])
-    out = capsys.readouterr().out
-    row = json.load(open(tmp_path / "eval" / "row.json"))
+    shapes_render.write_shapes_dataset(tmp_path / "val", 6, seed=0, size=64)
+    scorers = ["--evaluator", str(tmp_path / "dpt"), "--inception", str(tmp_path / "inception.safetensors"),
+               "--clip", str(tmp_path / "clip"), "--device", "cpu"]
+    gen = ["--control", "depth", "--weights", str(tmp_path / "sd.safetensors"),
+           "--controlnet", str(tmp_path / "cn.safetensors"), "--data", str(tmp_path / "val"), "--steps", "2",
+           "--resolution", "64", *scorers]
+    return dict(root=tmp_path, gen=gen, scorers=scorers)
+
+
+def read_row(out):
+    with open(os.path.join(out, "row.json")) as f:
+        return json.load(f)
+
+
+def files_of(out):
+    """Every generated image and label: path -> (inode, mtime_ns). os.replace gives a rewritten file a new inode."""
+    found = {}
+    for sub in ("images", "annotations"):
+        for dirpath, _, names in os.walk(os.path.join(out, sub)):
+            for name in names:
+                st = os.stat(os.path.join(dirpath, name))
+                found[os.path.join(dirpath, name)] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny):
+    """One process, one run, no interruption: the reference row (6 conditions x 2 images, batch 2)."""
+    out = tiny["root"] / "whole"
+    evaluation.main([*tiny["gen"], "--images-per-cond", "2", "--batch", "2", "--out", str(out)])
+    return out
+
+
+def test_main_end_to_end(tiny, capsys):
+    """`python eval.py` on tiny files of each kind: one row of the table, as JSON and as text, and the folder in
+    upstream's layout."""
+    out = tiny["root"] / "e2e"
+    evaluation.main([*tiny["gen"], "--num", "2", "--images-per-cond", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    row = read_row(out)
     assert row["images"] == 4 and row["conditions"] == 2 and 0 <= row["controllability"] <= 255
     assert row["fid"] > 0 and math.isfinite(row["fid"]) and 0 <= row["clip_score"] <= 100
     assert row["settings"]["sampler"] == "unipc" and row["settings"]["negative_prompt"] == "worst quality, low quality"
-    line = open(tmp_path / "eval" / "row.md").read().strip()
-    assert line in out and line.startswith("| cn.safetensors |") and line.count("|") == 5
+    assert row["settings"]["resize"] == "squash"
+    line = open(out / "row.md").read().strip()
+    assert line in text and line.startswith("| cn.safetensors |") and line.count("|") == 5
+    for i in range(2):
+        for g in range(2):
+            assert Image.open(out / "images" / f"group_{g}" / f"{i}.png").size == (64, 64)
+        assert Image.open(out / "annotations" / f"{i}.png").mode == "L"
+        assert Image.open(out / "conditions" / f"{i}.png").mode == "RGB"
+    assert not (out / "images" / "group_0" / "2.png").exists()
+    prompts = [json.loads(x) for x in open(out / "prompts.jsonl")]
+    meta = [json.loads(x) for x in open(tiny["root"] / "val" / "metadata.jsonl")]
+    assert [p["text"] for p in prompts] == [m["text"] for m in meta[:2]] and prompts[1]["id"] == 1
+    assert json.load(open(out / "run.json"))["n"] == 2
+
+
+def test_saved_pngs_score_as_the_images_in_memory(tiny):
+    """The row is scored from the PNGs: the images read back are the generated images exactly, and a label read
+    back quantises to the levels the label itself does."""
+    images = torch.rand(3, 3, 8, 8)
+    u8 = torch.stack([torch.from_numpy(evaluation.to_u8(x)).permute(2, 0, 1) for x in images])
+    torch.testing.assert_close(u8.float() / 255, (images * 255).round() / 255, rtol=0, atol=0)
+    label = torch.rand(1, 1, 40, 40)
+    label[0, 0, 0, :4] = torch.tensor([0.0, 1.0, 3 / 255, 254 / 255])  # exact levels, where truncation is fragile
+    for control in ("depth", "hed", "lineart"):
+        back = evaluation.annotation_label01(control, evaluation.annotation_u8(control, label[0]))[None]
+        flip = (lambda x: 1 - x) if control == "lineart" else (lambda x: x)
+        assert torch.equal(metrics.to_8bit(flip(back)), metrics.to_8bit(flip(label)))
+
+
+def test_resume_after_sigkill_gives_the_same_row(tiny, uninterrupted):
+    """A run killed (SIGKILL) after some images are written, then rerun: only the missing conditions are made,
+    and the row equals an uninterrupted run's exactly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tiny["root"] / "killed"
+    cmd = [sys.executable, os.path.join(REPO, "eval.py"), *tiny["gen"], "--images-per-cond", "2", "--batch", "2",
+           "--out", str(out)]
+    # more steps than the reference run would change the images: slow the run down from outside instead, by
+    # stopping it (SIGSTOP) as soon as the first batch is complete, then killing it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = lambda i: all((out / "images" / f"group_{g}" / f"{i}.png").exists() for g in range(2))  # noqa: E731
+    deadline = time.time() + 90
+    while not (done(0) and done(1)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGSTOP)
+    finished = [i for i in range(6) if done(i)]
+    proc.kill()
+    proc.wait()
+    assert 2 <= len(finished) < 6, f"the run was not caught in the middle ({finished}); {proc.stderr.read()[-2000:]}"
+    before = files_of(out)
+    kept = {p: v for p, v in before.items() if any(f"{os.sep}{i}.png" in p for i in finished)}
+    evaluation.main([*tiny["gen"], "--images-per-cond", "2", "--batch", "2", "--out", str(out)])
+    after = files_of(out)
+    assert all(after[p] == v for p, v in kept.items())  # no finished condition was made (or written) again
+    assert len(after) == len(files_of(uninterrupted)) == 6 * 3
+    assert read_row(out) == read_row(uninterrupted)
+    assert not list(out.rglob("*.tmp"))
+    # a rerun of a finished folder makes nothing and scores the same
+    evaluation.main([*tiny["gen"], "--images-per-cond", "2", "--batch", "2", "--out", str(out)])
+    assert files_of(out) == after and read_row(out) == read_row(uninterrupted)
+
+
+def test_two_processes_give_the_row_of_one(tiny, uninterrupted):
+    """torchrun --nproc_per_node 2 (gloo on the CPU): the conditions split over two processes, one row."""
+    import subprocess
+    import sys
+    out = tiny["root"] / "torchrun"
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             os.path.join(REPO, "eval.py"), *tiny["gen"], "--images-per-cond", "2", "--batch", "2",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:  # torchrun and both workers, whatever happened
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert read_row(out) == read_row(uninterrupted)
+    assert stdout.count("| cn.safetensors |") == 1  # rank 0 alone reports
+
+
+def test_score_only_reproduces_the_row(tiny, uninterrupted, tmp_path, capsys):
+    """--score-only re-scores a folder without the generation's model files; missing images are refused."""
+    import shutil
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    os.remove(out / "row.json")
+    evaluation.main(["--score-only", "--out", str(out), *tiny["scorers"]])
+    row = read_row(out)
+    assert row == read_row(uninterrupted)
+    # without CLIP and FID: the same controllability, the rest left out
+    evaluation.main(["--score-only", "--out", str(out), "--evaluator", str(tiny["root"] / "dpt"), "--device", "cpu"])
+    partial = read_row(out)
+    assert partial["clip_score"] is None and partial["fid"] is None
+    assert partial["controllability"] == row["controllability"]
+    # a folder with a condition missing is not scored
+    os.remove(out / "images" / "group_1" / "3.png")
+    with pytest.raises(SystemExit, match="1 of 6 conditions have no images yet .first: 3."):
+        evaluation.main(["--score-only", "--out", str(out), *tiny["scorers"]])
+
+
+def test_rerun_with_other_settings_is_refused(tiny, uninterrupted, capsys):
+    with pytest.raises(SystemExit, match="guidance 7.5, not 3.0"):
+        evaluation.main([*tiny["gen"], "--images-per-cond", "2", "--batch", "2", "--guidance", "3.0",
+                         "--out", str(uninterrupted)])
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["--evaluator", "e"])
+    assert "--weights, --controlnet, --data" in capsys.readouterr().err
+
+
+def test_help_groups_the_flags():
+    """--help: flags grouped as a reader looks for them (every flag's help and default: tests/test_cli.py)."""
+    groups = {g.title: {a.option_strings[0] for a in g._group_actions} for g in evaluation.make_parser()._action_groups}
+    assert groups["model files"] == {"--weights", "--controlnet", "--evaluator", "--inception", "--clip"}
+    assert groups["data"] == {"--data", "--control-column", "--num", "--resize"}
+    assert groups["protocol"] == {"--control", *("--" + k.replace("_", "-") for k in evaluation.PROTOCOL)}
+    assert groups["output and run"] == {"--out", "--score-only", "--batch", "--dtype", "--device"}

@@ -350,3 +350,52 @@ def test_probe_loss_per_control_and_the_constant_probe_guard(smoke):
     with pytest.raises(SystemExit, match="constant reading"):
         shapes.check_probe(sd, cn, probe, reward_model, os.path.join(out, "data", "train"), "depth", P)
 
+
+
+def write_log(d, losses, every=10):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        for i, loss in enumerate(losses):
+            f.write(json.dumps({"step": (i + 1) * every, "loss_probe": float(loss)}) + "\n")
+
+
+def test_loss_trend_tells_a_flat_loss_from_a_falling_one(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    noise = 1e-3 * torch.randn(60, generator=g)
+    write_log(tmp_path / "flat", 0.01 + noise)
+    flat = shapes.loss_trend(str(tmp_path / "flat"), "loss_probe")
+    assert flat["flat"] and flat["window"] == 100 and flat["loss"] == pytest.approx(0.01, abs=1e-3)
+    write_log(tmp_path / "falling", 0.02 * torch.exp(-torch.arange(60) / 30.0) + noise)  # -28% per 100 steps
+    falling = shapes.loss_trend(str(tmp_path / "falling"), "loss_probe")
+    assert not falling["flat"] and falling["slope_per_100"] < 0 and falling["relative"] < -0.2
+    write_log(tmp_path / "short", [0.1, 0.05])
+    assert shapes.loss_trend(str(tmp_path / "short"), "loss_probe") is None
+
+
+def test_demonstration_checks_by_hand():
+    pairs = [{"lo": -0.5, "hi": -0.1}, {"lo": -0.3, "hi": 0.1}, {"lo": -0.2, "hi": -0.1}]
+    results = {"control": "depth", "floor": {"reconstruction": 13.0}, "pairs": pairs, "table": [
+        {"method": "base model, no ControlNet", "score": [27.0]},
+        {"method": "ControlNet (stage 5, before fine-tuning)", "score": [21.0]},
+        {"method": "ControlNet (+120 steps)", "score": [20.0, 20.2]},
+        {"method": "InnerControl (+120 steps)", "score": [19.0, 19.2]}]}
+    c = shapes.demonstration_checks(results)
+    assert c["best"] == "InnerControl (+120 steps)"
+    assert c["gain"] == pytest.approx(1.9) and c["gain_over_distance_to_floor"] == pytest.approx(1.9 / 8)
+    assert c["gain_over_seed_std"] == pytest.approx(1.9 / 0.1)
+    assert c["widest_pair_half_width_over_gain"] == pytest.approx(0.2 / 1.9)
+    edges = dict(results, control="hed", floor={"reconstruction": 0.9}, table=[
+        {"method": "ControlNet (stage 5, before fine-tuning)", "score": [0.70]},
+        {"method": "ControlNet++ (+120 steps)", "score": [0.75, 0.77]},
+        {"method": "InnerControl (+120 steps)", "score": [0.74, 0.74]}])
+    c = shapes.demonstration_checks(edges)  # SSIM: higher is better
+    assert c["best"] == "ControlNet++ (+120 steps)" and c["gain_over_distance_to_floor"] == pytest.approx(0.3)
+
+
+def test_world_seed_moves_every_seed_and_makes_every_stage_stale():
+    P = dict(shapes.PRESET, probe_loss="control")
+    other = dict(P, world_seed=1)
+    assert shapes.world(P, 3) == 3 and shapes.world(other, 3) != 3
+    for stage in shapes.STAGES:  # every stage reads the data stage, directly or through others
+        assert shapes.fingerprint(shapes.settings(P, "depth", stage)) != \
+            shapes.fingerprint(shapes.settings(other, "depth", stage)), stage

@@ -992,7 +992,12 @@ def make_parser():
 
 
 def parse_args(argv=None):
-    return make_parser().parse_args(argv)
+    p = make_parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # most likely train.py flags given without --weights, which hands the run over to this script
+        p.error(f"unrecognized arguments: {' '.join(unknown)} (without --weights, train.py runs the shapes world, "
+                "whose flags are --control, --out and --fresh; give --weights to train SD1.x)")
+    return args
 
 
 def main(argv=None):

@@ -78,3 +78,13 @@ def test_random_crop_needs_crop(capsys):
         train.parse_args(["--random-crop"])
     assert "--resize crop" in capsys.readouterr().err
     assert train.parse_args(["--random-crop", "--resize", "crop"]).random_crop
+
+
+def test_train_flags_without_weights_say_what_to_do():
+    """No --weights hands the run to shapes.py, which has flags of its own: a train.py flag fails in one line that
+    says so, before anything runs."""
+    argv = [sys.executable, "train.py", "--control", "depth", "--max-steps", "5", "--out", "/nonexistent"]
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("shapes.py: error: unrecognized arguments: --max-steps 5") and "--weights" in lines[0]

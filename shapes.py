@@ -74,7 +74,7 @@ PRESET = dict(
     # apart; the probe trains until its loss is flat (docs/experiments.md)
     controlnet_steps=300, controlnet_batch=16, controlnet_lr=1e-3, controlnet_ema=True, controlnet_empty_prompts=0.5,
     controlnet_snr_gamma=5.0,
-    probe_steps=600, probe_batch=16, probe_lr=1e-3, probe_loss="auto",  # see probe_loss()
+    probe_steps=600, probe_batch=16, probe_lr=1e-3, probe_schedule="constant", probe_loss="auto",  # see probe_loss()
     finetune_steps=120, finetune_batch=16, finetune_lr=2e-4, finetune_ema=True, finetune_args=(),  # + train.py flags
     eval_steps=10, guidance=3.0, eval_seed=0, save_every=100, log_every=10,
     workers=None,  # worker processes for the independent runs (None: one per core)
@@ -138,7 +138,7 @@ STAGES = {  # stage: (the preset entries that change its result, the stages it r
     "annotators": (("annotator_width", "annotator_steps", "annotator_batch", "annotator_lr"), ("data",)),
     "controlnet": (("controlnet_steps", "controlnet_batch", "controlnet_lr", "controlnet_ema",
                     "controlnet_empty_prompts", "controlnet_snr_gamma"), ("base", "annotators")),
-    "probe": (("probe_steps", "probe_batch", "probe_lr", "probe_loss"), ("controlnet",)),
+    "probe": (("probe_steps", "probe_batch", "probe_lr", "probe_schedule", "probe_loss"), ("controlnet",)),
     "finetune": (("finetune_steps", "finetune_batch", "finetune_lr", "finetune_ema", "finetune_args"), ("probe",)),
     "eval": (("eval_steps", "guidance", "eval_seed", "seeds"), ("finetune",)),
 }
@@ -598,7 +598,8 @@ def stage_probe(root, P, sd, controlnet_path, reward_model, train_dir, control):
         probe = Probe(ProbeConfig.for_unet(sd.unet.config))
         path, seconds = run_train_stage(d, P, sd, load_controlnet(controlnet_path), probe, reward_model, train_dir,
                                         "innercontrol", "probe", control, P["probe_steps"], P["probe_batch"],
-                                        P["probe_lr"], world(P, 0), ("--probe-loss", P["probe_loss"]))
+                                        P["probe_lr"], world(P, 0), ("--probe-loss", P["probe_loss"],
+                                                                     "--lr-schedule", P["probe_schedule"]))
         check_probe(sd, load_controlnet(controlnet_path, device=P["device"]), load_probe(path, device=P["device"]),
                     reward_model, train_dir, control, P)
         trend = loss_trend(d, "loss_probe")
@@ -756,10 +757,19 @@ def probe_error_by_timestep(sd, controlnet, probe, reward_model, truths, images,
         p = labels.probe_to_label_space(probe_output01(probe(feats)), control, size=label.shape[-2:])
         x0 = sd.schedule.x0_from_eps(x_t, eps, t)
         r = labels.reward_prediction(control, reward_model, ((sd.vae.decode_latents(x0) + 1) / 2).clamp(0, 1))
-        rows.append({"bucket": f"{lo}-{lo + 200}", "probe_rmse": metrics.rmse_8bit(p, label).mean().item(),
-                     "x0_reward_rmse": metrics.rmse_8bit(r, label).mean().item(), "probe": p[:FIGURE_ROWS],
-                     "x0_reward": r[:FIGURE_ROWS]})
+        probe_rmse, x0_rmse = metrics.rmse_8bit(p, label).cpu(), metrics.rmse_8bit(r, label).cpu()
+        mean, low, high = paired_difference(probe_rmse[None], x0_rmse[None])
+        rows.append({"bucket": f"{lo}-{lo + 200}", "probe_rmse": probe_rmse.mean().item(),
+                     "x0_reward_rmse": x0_rmse.mean().item(), "difference": mean, "lo": low, "hi": high,
+                     "verdict": probe_verdict(low, high), "probe": p[:FIGURE_ROWS], "x0_reward": r[:FIGURE_ROWS]})
     return rows
+
+
+def probe_verdict(lo, hi):
+    """Which reads the control better in a t bucket, from the 95% interval of probe RMSE - x0_hat's RMSE over the
+    scenes: "probe", "x0" or "level" (the interval holds 0). The same verdicts on every trajectory is what "the
+    same in kind" means for the probe table."""
+    return "probe" if hi < 0 else "x0" if lo > 0 else "level"
 
 
 @torch.no_grad()
@@ -888,7 +898,7 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     results = {"control": control, "metric": metric,  # 64 px maps are too small for MS-SSIM's 5 scales: SSIM
                "table": [{"method": m, "score": s, "fd": f} for m, s, f in table], "pairs": pairs, "floor": floor,
                "per_scene": per_scene,
-               "probe_by_timestep": [{k2: v for k2, v in r.items() if k2 in ("bucket", "probe_rmse", "x0_reward_rmse")}
+               "probe_by_timestep": [{k2: v for k2, v in r.items() if k2 not in ("probe", "x0_reward")}
                                      for r in probe_rows], "preset": P,
                "probe_training": done_info(os.path.join(root, "probe")).get("loss_trend")}
     results["checks"] = demonstration_checks(results)
@@ -948,10 +958,13 @@ def print_results(results):
     print(f"\nVAE: PSNR {f['psnr']:.2f} dB (object pixels {f['psnr_objects']:.2f} dB); evaluator on real renders "
           f"{f['real']:{fmt}}, on their reconstructions {f['reconstruction']:{fmt}}; the stage-5 ControlNet closes "
           f"{f['control_ratio']:.2f} of the gap between no ControlNet and the reconstructions")
-    print("\n| t bucket | probe RMSE (8-bit) | reward model on one-step x0 RMSE (8-bit) |")
-    print("| --- | --- | --- |")
+    print("\n| t bucket | probe RMSE (8-bit) | reward model on one-step x0 RMSE (8-bit) | probe - x0, 95% interval | "
+          "reads better |")
+    print("| --- | --- | --- | --- | --- |")
     for r in results["probe_by_timestep"]:
-        print(f"| {r['bucket']} | {r['probe_rmse']:.2f} | {r['x0_reward_rmse']:.2f} |")
+        interval = f"{r['difference']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}]" if "difference" in r else "-"
+        print(f"| {r['bucket']} | {r['probe_rmse']:.2f} | {r['x0_reward_rmse']:.2f} | {interval} | "
+              f"{r.get('verdict', '-')} |")
     if results.get("probe_training"):
         trend = results["probe_training"]
         print(f"\nprobe training loss over its last {trend['window']} steps: {describe_trend(trend)}")

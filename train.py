@@ -18,6 +18,7 @@ probe trained.
 import copy
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -97,6 +98,8 @@ def make_parser():
     optim.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     optim.add_argument("--lr", type=float, help="learning rate (default: 1e-5 finetune, 1e-3 probe)")
     optim.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up")
+    optim.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                       help="after the warm-up: constant (upstream) or a cosine decay to 0 at --max-steps")
     optim.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (finetune)")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     optim.add_argument("--mixed-precision", type=cli.dtype_name, default="fp32", metavar="{fp32,bf16,fp16}",
@@ -344,9 +347,19 @@ def make_optimizer(args, module):
     else:  # ControlNet++ / InnerControl: AdamW(0.9, 0.999), weight decay 1e-2, eps 1e-8
         opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                 eps=1e-8, fused=True)
-    # constant schedule after a short linear warm-up
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, args))
     return opt, sched
+
+
+def lr_factor(args, step):
+    """The learning rate's multiplier at `step`: a short linear warm-up, then constant (upstream's schedule) or a
+    cosine decay from 1 after the warm-up to 0 at --max-steps (a probe trained to the end of a decay settles at a
+    minimum of its loss instead of wandering around one at full lr)."""
+    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    if args.lr_schedule == "constant":
+        return warm
+    progress = max(0, step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def ema_decay(n, max_decay):

@@ -189,6 +189,10 @@ def test_results_json(smoke):
         assert all(0 <= s <= 255 for s in r["score"])
         assert all(math.isfinite(f) for f in r["fd"])
     assert [b["bucket"] for b in res["probe_by_timestep"]] == ["0-200", "200-400", "400-600", "600-800", "800-1000"]
+    for b in res["probe_by_timestep"]:  # the paired difference over the same scenes, and its verdict
+        assert b["difference"] == pytest.approx(b["probe_rmse"] - b["x0_reward_rmse"], abs=1e-4)  # float32 means
+        assert b["lo"] <= b["difference"] <= b["hi"]
+        assert b["verdict"] == ("probe" if b["hi"] < 0 else "x0" if b["lo"] > 0 else "level")
     assert res["preset"]["size"] == 64 and res["preset"]["finetune_steps"] == 2
     assert set(res["seconds"]) == set(STAGES)
     n_scenes, seeds = shapes.SMOKE["n_test"], len(shapes.SMOKE["seeds"])

@@ -476,3 +476,29 @@ def test_grad_checkpointing_covers_the_reward_decode(world):
     _, models = make_models(world, "--grad-checkpointing")
     assert models.controlnet.grad_checkpointing and models.sd.unet.grad_checkpointing
     assert models.sd.vae.decoder.grad_checkpointing
+
+
+def test_cosine_lr_schedule():
+    """--lr-schedule cosine: the warm-up ramp, then diffusers' cosine-with-warm-up decay (its
+    get_cosine_schedule_with_warmup, at every step after the warm-up), reaching 0 at --max-steps; the default
+    stays constant after the warm-up."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    args = train.parse_args(["--stage", "probe", "--lr", "0.01", "--lr-schedule", "cosine", "--max-steps", "50",
+                             "--warmup-steps", "5"])
+    net = torch.nn.Linear(3, 3)
+    opt, sched = train.make_optimizer(args, net)
+    ref = get_cosine_schedule_with_warmup(torch.optim.SGD(net.parameters(), lr=0.01), 5, 50)
+    lrs, ref_lrs = [], []
+    for _ in range(51):
+        lrs.append(opt.param_groups[0]["lr"])
+        ref_lrs.append(ref.get_last_lr()[0])
+        opt.step()
+        sched.step()
+        ref.optimizer.step()
+        ref.step()
+    assert lrs[:5] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01])
+    assert lrs[5:] == pytest.approx(ref_lrs[5:], abs=1e-12)
+    assert lrs[5] == pytest.approx(0.01) and lrs[50] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    constant = train.parse_args(["--max-steps", "50", "--warmup-steps", "5"])
+    assert [train.lr_factor(constant, s) for s in (0, 4, 5, 49)] == [0.2, 1.0, 1.0, 1.0]

@@ -682,10 +682,15 @@ def stage_finetune(root, P, sd, reward_model, control):
 # ----------------------------------------------------------------------------------------------
 # Worker processes: independent runs (the fine-tuning runs, the annotators, the evaluations) on separate cores.
 
+_interrupted = False  # in a worker process: set by the first Ctrl-C, after which it starts no other call
+
+
 def _worker_init():
     torch.set_num_threads(1)
 
     def interrupted(signum, frame):  # the first Ctrl-C stops the run (it saves a checkpoint); later ones wait
+        global _interrupted
+        _interrupted = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
     signal.signal(signal.SIGINT, interrupted)
@@ -693,6 +698,8 @@ def _worker_init():
 
 def _worker_call(fn, args, console):
     """Run fn(*args) with stdout and stderr (its progress bars) going to the file `console`."""
+    if _interrupted:  # a call the pool had already queued for this worker: the run is stopping, do not start it
+        raise KeyboardInterrupt
     os.makedirs(os.path.dirname(console), exist_ok=True)
     with open(console, "a", buffering=1) as f:
         sys.stdout, sys.stderr = f, f
@@ -1024,12 +1031,19 @@ def main(argv=None):
     if args.fresh and os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(root, exist_ok=True)
+    # `kill` stops a run as Ctrl-C does: the worker processes save their checkpoints and stop with it (on a plain
+    # SIGTERM the main process would die alone and leave them running)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(root, P, args.control)
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun the same command to continue from the last checkpoint in {root}",
               file=sys.stderr)
         sys.exit(130)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(root, P, control):

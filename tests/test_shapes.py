@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,6 +305,39 @@ def test_fresh_then_ctrl_c_then_rerun_resumes(smoke):
     assert rows[:len(logged)] == logged  # the interrupted run's log was continued, not restarted
     assert [line for line in table_lines(p.stdout) if line.startswith("| InnerControl")]
     assert os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_kill_stops_the_workers_too(smoke, tmp_path):
+    """SIGTERM (`kill`) during stage 7 stops the run as Ctrl-C does: exit 130 and no fine-tuning worker left
+    running."""
+    out = tmp_path / "run"
+    for stage in ("data", "vae", "base", "annotators", "controlnet", "probe"):
+        shutil.copytree(os.path.join(smoke[0], stage), out / stage)
+    proc = subprocess.Popen(command(out), cwd=REPO, env=dict(ENV, SHAPES_PRESET=json.dumps({"finetune_steps": 2000})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not list((out / "finetune").glob("*/log.jsonl")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no fine-tuning run started"
+            time.sleep(0.2)
+        workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")
+                   for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+        assert workers, "stage 7 runs in worker processes"
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # failed: take the workers down with it (they share its new session)
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "interrupted" in stderr
+    deadline = time.time() + 30
+    alive = workers
+    while alive and time.time() < deadline:
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
+        time.sleep(0.2)
+    assert not alive, f"worker processes {alive} outlived the run"
 
 
 def test_fit_resumes_where_it_stopped(tmp_path):

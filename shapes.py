@@ -776,8 +776,8 @@ def probe_error_by_timestep(sd, controlnet, probe, reward_model, truths, images,
 
 def probe_verdict(lo, hi):
     """Which reads the control better in a t bucket, from the 95% interval of probe RMSE - x0_hat's RMSE over the
-    scenes: "probe", "x0" or "level" (the interval holds 0). The same verdicts on every trajectory is what "the
-    same in kind" means for the probe table."""
+    scenes: "probe", "x0" or "level" (the interval holds 0). Runs on other world seeds agree about the probe when
+    their verdicts agree."""
     return "probe" if hi < 0 else "x0" if lo > 0 else "level"
 
 

@@ -119,6 +119,8 @@ def preset():
     except SystemExit:
         sys.exit(f"shapes.py: error: finetune_args {list(P['finetune_args'])} from SHAPES_PRESET: "
                  f"{problem.getvalue().strip().removeprefix('train.py: error: ')}")
+    if P["probe_schedule"] not in ("constant", "cosine"):
+        sys.exit(f"shapes.py: error: SHAPES_PRESET probe_schedule is {P['probe_schedule']!r}; use constant or cosine")
     if P["probe_loss"] not in ("auto", "control", "alignment"):
         sys.exit(f"shapes.py: error: SHAPES_PRESET probe_loss is {P['probe_loss']!r}; use auto, control or alignment")
     if P["device"] == "cuda" and not torch.cuda.is_available():

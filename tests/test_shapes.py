@@ -307,6 +307,15 @@ def test_fresh_then_ctrl_c_then_rerun_resumes(smoke):
     assert os.path.exists(os.path.join(out, "results.json"))
 
 
+def running(pid):
+    """Is the process alive (not gone, not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_kill_stops_the_workers_too(smoke, tmp_path):
     """SIGTERM (`kill`) during stage 7 stops the run as Ctrl-C does: exit 130 and no fine-tuning worker left
     running."""
@@ -334,8 +343,7 @@ def test_kill_stops_the_workers_too(smoke, tmp_path):
     deadline = time.time() + 30
     alive = workers
     while alive and time.time() < deadline:
-        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}") and
-                 open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"]
+        alive = [pid for pid in alive if running(pid)]
         time.sleep(0.2)
     assert not alive, f"worker processes {alive} outlived the run"
 
@@ -437,3 +445,14 @@ def test_world_seed_moves_every_seed_and_makes_every_stage_stale():
     for stage in shapes.STAGES:  # every stage reads the data stage, directly or through others
         assert shapes.fingerprint(shapes.settings(P, "depth", stage)) != \
             shapes.fingerprint(shapes.settings(other, "depth", stage)), stage
+
+
+@pytest.mark.parametrize("entry, message", [({"probe_schedule": "linear"}, "use constant or cosine"),
+                                            ({"probe_loss": "mse"}, "use auto, control or alignment"),
+                                            ({"no_such_entry": 1}, "unknown entries")])
+def test_bad_preset_entries_fail_in_one_line(monkeypatch, entry, message):
+    """A bad SHAPES_PRESET entry stops the run before any stage, in one line that names the entry and the choices."""
+    monkeypatch.setenv("SHAPES_PRESET", json.dumps(entry))
+    with pytest.raises(SystemExit, match=message) as e:
+        shapes.preset()
+    assert str(e.value).startswith("shapes.py: error:") and "\n" not in str(e.value)

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import posixpath
+import signal
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -297,4 +298,10 @@ def make_loader(dataset, batch_size, seed, num_workers, rank=0, world_size=1, st
         dataset, batch_sampler=sampler, num_workers=num_workers,
         collate_fn=functools.partial(collate, resolution=dataset.resolution),
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=4 if num_workers > 0 else None)
+        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=ignore_ctrl_c if num_workers > 0 else None)
+
+
+def ignore_ctrl_c(worker_id):
+    """In a loader's worker process. A Ctrl-C in the terminal reaches every process of the job; the training loop
+    finishes its step before it stops (train.StopSignals), and that step may still need batches."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -250,7 +250,8 @@ def batch_indices(step, n, batch, seed):
 def fit(out, modules, loss_fn, steps, lr, save_every=250, desc="", cosine=False):
     """AdamW on `modules` for `steps` steps (50 warm-up steps, then constant or a cosine decay to 0); loss_fn(step)
     draws its own batch and noise from the step number, so a resumed run sees exactly the batches it would have.
-    Checkpoints to OUT/checkpoint.pt every `save_every` steps and on Ctrl-C. Returns (final loss EMA, s/step)."""
+    Checkpoints to OUT/checkpoint.pt every `save_every` steps and when Ctrl-C or SIGTERM stops it, at the end of the
+    step it landed in (train.StopSignals). Returns (final loss EMA, s/step)."""
     os.makedirs(out, exist_ok=True)
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
@@ -274,8 +275,9 @@ def fit(out, modules, loss_fn, steps, lr, save_every=250, desc="", cosine=False)
         m.train()
     bar = tqdm(total=steps, initial=step, desc=desc, dynamic_ncols=True)
     t0, first = time.perf_counter(), step
+    stop = train.StopSignals()  # Ctrl-C or SIGTERM: finish the step, save it, then stop
     try:
-        while step < steps:
+        while step < steps and stop.signum is None:
             loss = loss_fn(step)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -289,13 +291,13 @@ def fit(out, modules, loss_fn, steps, lr, save_every=250, desc="", cosine=False)
                 bar.set_postfix(loss=f"{running:.4g}")
             if step % save_every == 0 and step < steps:
                 save()
-    except KeyboardInterrupt:
-        save()
-        print(f"\ninterrupted: saved step {step} to {path}", file=sys.stderr)
-        raise
     finally:
+        stop.restore()
         bar.close()
     save()
+    if stop.signum is not None:
+        print(f"\ninterrupted: saved step {step} to {path}", file=sys.stderr)
+        stop.deliver()
     return running, (time.perf_counter() - t0) / max(1, step - first)
 
 

@@ -21,7 +21,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -394,6 +396,47 @@ def optimizer_step(args, module, opt, sched, scaler, ema, loss_total, bad_streak
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, logging, sample grids.
 
+class StopSignals:
+    """Ctrl-C and SIGTERM (a cluster preempting the job, torchrun stopping its workers) ask the training loop to stop
+    at the end of the step it is in: raised where it lands, a signal between the optimizer's update and the EMA's would
+    leave a half-made step, which the checkpoint saved then would hand to a resume to apply again. Later signals wait
+    for the same step (SIGKILL stops at once, losing the steps since the last checkpoint). deliver() then hands the
+    signal to the handler that was there before (Ctrl-C: KeyboardInterrupt; SIGTERM: the end of the process; a
+    caller's own handler: that). Handlers can only be set from the main thread; elsewhere, and for a signal the process
+    ignores, nothing changes."""
+
+    def __init__(self):
+        self.signum, self.handlers = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(s)
+                if handler not in (signal.SIG_IGN, None):
+                    self.handlers[s] = handler
+                    signal.signal(s, self.request)
+
+    def restore(self):
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+
+    def request(self, signum, frame):
+        # a later signal waits for the same step: a Ctrl-C reaches every process of a job, and a program that runs
+        # this loop in worker processes may then signal them once more
+        if self.signum is None:
+            self.signum = signum
+
+    def deliver(self):
+        signum = self.signum
+        handler = self.handlers.get(signum, signal.SIG_DFL)
+        if callable(handler):
+            handler(signum, None)
+        else:
+            sys.stdout.flush()  # what the run printed last, before the default action ends the process
+            sys.stderr.flush()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            raise SystemExit(128 + signum)  # only if the signal's default action did not end the process
+
+
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint."""
     torch.save(state, path + ".tmp")
@@ -551,8 +594,9 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
     def save():
         state = checkpoint_state(module, ema, opt, sched, scaler, step, progress.skipped_data)
         save_checkpoint(ckpt_path, state)
+    stop = StopSignals()  # from here on, Ctrl-C or SIGTERM finishes the step it lands in, saves it and stops
     try:
-        while step < args.max_steps:
+        while step < args.max_steps and stop.signum is None:
             t_all = draw_timesteps(args, step, B * W * A)  # the whole optimizer batch's timesteps
             counts = eligible_counts(args, t_all)
             total = torch.zeros((), device=models.device)
@@ -580,13 +624,16 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
                 save()
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 write_sample_grid(args, models, dataset, step, ema)
-    except KeyboardInterrupt:
-        if rank == 0 and step > 0:
-            save()
-            log(f"\ninterrupted: saved step {step} to {ckpt_path}; run again (with --resume) to continue")
-        raise
     finally:
+        stop.restore()
         progress.bar.close()
+    if stop.signum is not None:
+        # every rank stops at its own step boundary (under torchrun each gets the signal); rank 0 saves the step
+        if rank == 0 and step > 0 and bad_streak.item() == 0:
+            save()
+            log(f"\n{signal.Signals(stop.signum).name}: saved step {step} to {ckpt_path}; run again with --resume "
+                "to continue")
+        stop.deliver()  # Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process, as they would have
     return step
 
 
@@ -672,6 +719,8 @@ def main(argv=None):
         train(args, models, dataset, rank, world_size)
         if rank == 0:
             print(f"saved {finish(args, models)}")
+    except KeyboardInterrupt:  # Ctrl-C: train() has said what it saved
+        sys.exit(130)
     except RuntimeError as e:
         if str(e).startswith("stopping:"):
             sys.exit(f"train.py: error: {e}")

@@ -349,7 +349,8 @@ def test_kill_stops_the_workers_too(smoke, tmp_path):
 
 
 def test_fit_resumes_where_it_stopped(tmp_path):
-    """shapes.fit (the VAE, base and annotator stages): Ctrl-C at step 5, rerun, same weights as one run."""
+    """shapes.fit (the VAE, base and annotator stages): Ctrl-C in step 5 finishes that step and saves it; rerun, the
+    same weights as one run."""
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     y = x @ torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
 
@@ -360,7 +361,7 @@ def test_fit_resumes_where_it_stopped(tmp_path):
     def loss_fn_for(net, stop_at=None):
         def loss_fn(step):
             if step == stop_at:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, landing in the middle of the step
             idx = shapes.batch_indices(step, len(x), 8, 0)
             return torch.nn.functional.mse_loss(net(x[idx]), y[idx])
         return loss_fn
@@ -370,7 +371,7 @@ def test_fit_resumes_where_it_stopped(tmp_path):
     net = make()
     with pytest.raises(KeyboardInterrupt):
         shapes.fit(str(tmp_path / "run"), [net], loss_fn_for(net, stop_at=5), 12, 1e-2, save_every=100)
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 6
     net = make()  # a new process: fresh weights, everything comes from the checkpoint
     shapes.fit(str(tmp_path / "run"), [net], loss_fn_for(net), 12, 1e-2, save_every=100)
     for a, b in zip(net.parameters(), ref.parameters()):

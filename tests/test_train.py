@@ -3,11 +3,14 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import controlnet
 import data
@@ -251,6 +254,56 @@ def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
         train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
     assert train.load_checkpoint(path, "cpu")["step"] == 1
+
+
+def test_ctrl_c_mid_step_finishes_and_saves_the_step(world, tmp_path, monkeypatch):
+    """A Ctrl-C that lands between the optimizer's update and the EMA's (sent from inside the EMA's decay at step 2)
+    lets step 2 finish and saves it whole: resumed, the run ends with the uninterrupted run's weights. (Raised where it
+    landed, it used to save step 1's counter with step 2's weights, and the resume applied step 2 twice.)"""
+    extra = ("--method", "innercontrol", "--ema", "--max-steps", "4")
+    run_main(base_argv(world, tmp_path / "a", *extra))
+    ema_decay = train.ema_decay
+
+    def ctrl_c_in_step_2(n, max_decay):
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return ema_decay(n, max_decay)
+
+    monkeypatch.setattr(train, "ema_decay", ctrl_c_in_step_2)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(base_argv(world, tmp_path / "b", *extra))
+    monkeypatch.undo()
+    assert stopped.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert train.load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"), "cpu")["step"] == 2
+    run_main(base_argv(world, tmp_path / "b", *extra, "--resume"))
+    a = load_file(str(tmp_path / "a" / "controlnet.safetensors"))
+    b = load_file(str(tmp_path / "b" / "controlnet.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_sigterm_saves_the_step_and_ends_the_process(world, tmp_path):
+    """SIGTERM (a preempted job, torchrun stopping its workers): the checkpoint holds the last logged step, the
+    process then ends by SIGTERM, and --resume continues from there."""
+    out = tmp_path / "out"
+    argv = base_argv(world, out, "--method", "controlnet", "--max-steps", "1000")
+    proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (os.path.exists(out / "log.jsonl") and len(read_log(out)) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, stderr[-2000:]
+    step = train.load_checkpoint(str(out / "checkpoint.pt"), "cpu")["step"]
+    assert step == read_log(out)[-1]["step"] >= 2
+    assert f"SIGTERM: saved step {step} to" in stdout
+    run_main(base_argv(world, out, "--method", "controlnet", "--max-steps", str(step + 1), "--resume"))
+    assert [r["step"] for r in read_log(out)][-2:] == [step, step + 1]
 
 
 def test_bad_data_is_skipped_and_counted(world, tmp_path):

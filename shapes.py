@@ -901,7 +901,7 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     save_figure(os.path.join(root, "figure.png"),
                 [cond[:k], (images[:k] + 1) / 2, res["base", 0][0][:k], res["start", 0][0][:k]]
                 + [res[m, P["seeds"][0]][0][:k] for m in METHODS],
-                ["condition", "real render", "no ControlNet", "ControlNet s5"] + [NAMES[m] for m in METHODS])
+                ["condition", "real render", "base model", "stage 5"] + [NAMES[m] for m in METHODS])
     save_figure(os.path.join(root, "vae_figure.png"), [(images[:k] + 1) / 2, rec[:k]], ["render", "VAE"])
     save_figure(os.path.join(root, "probe_figure.png"),
                 [label[:k]] + [r["probe"][:k] for r in probe_rows] + [r["x0_reward"][:k] for r in probe_rows],

@@ -403,10 +403,15 @@ class StopSignals:
     for the same step (SIGKILL stops at once, losing the steps since the last checkpoint). deliver() then hands the
     signal to the handler that was there before (Ctrl-C: KeyboardInterrupt; SIGTERM: the end of the process; a
     caller's own handler: that). Handlers can only be set from the main thread; elsewhere, and for a signal the process
-    ignores, nothing changes."""
+    ignores, nothing changes.
 
-    def __init__(self):
-        self.signum, self.handlers = None, {}
+    Under torchrun the ranks get their signals at different moments (or only one of them does: a node's job preempted),
+    so each would stop after a step of its own, and a rank that went on into the next step would wait in its gradient
+    all-reduce for ranks that have left. With a process group, stop_now() asks every rank before each step whether any
+    got a signal, on the CPU (gloo), so the question adds no wait on the GPU: they all stop after the same step."""
+
+    def __init__(self, group=None):
+        self.signum, self.handlers, self.group = None, {}, group
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 handler = signal.getsignal(s)
@@ -423,6 +428,13 @@ class StopSignals:
         # this loop in worker processes may then signal them once more
         if self.signum is None:
             self.signum = signum
+
+    def stop_now(self):
+        if self.group is not None:
+            mine = torch.tensor([self.signum or 0])
+            torch.distributed.all_reduce(mine, torch.distributed.ReduceOp.MAX, group=self.group)
+            self.signum = self.signum or int(mine) or None  # a rank with no signal of its own takes the others'
+        return self.signum is not None
 
     def deliver(self):
         signum = self.signum
@@ -594,9 +606,10 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
     def save():
         state = checkpoint_state(module, ema, opt, sched, scaler, step, progress.skipped_data)
         save_checkpoint(ckpt_path, state)
-    stop = StopSignals()  # from here on, Ctrl-C or SIGTERM finishes the step it lands in, saves it and stops
+    # from here on, Ctrl-C or SIGTERM finishes the step it lands in, saves it and stops (every rank after the same step)
+    stop = StopSignals(torch.distributed.new_group(backend="gloo") if W > 1 else None)
     try:
-        while step < args.max_steps and stop.signum is None:
+        while step < args.max_steps and not stop.stop_now():
             t_all = draw_timesteps(args, step, B * W * A)  # the whole optimizer batch's timesteps
             counts = eligible_counts(args, t_all)
             total = torch.zeros((), device=models.device)
@@ -624,15 +637,17 @@ def train(args, models, dataset, rank=0, world_size=1, log=print):
                 save()
             if rank == 0 and args.sample_every and step % args.sample_every == 0:
                 write_sample_grid(args, models, dataset, step, ema)
+        # saved while the handlers are still ours: under torchrun a rank that has stopped ends, and the launcher then
+        # sends SIGTERM to the others, rank 0 among them
+        if stop.signum is not None and rank == 0 and step > 0 and bad_streak.item() == 0:
+            save()
+            log(f"\n{signal.Signals(stop.signum).name}: saved step {step} to {ckpt_path}; run again with --resume "
+                "to continue")
+            sys.stdout.flush()
     finally:
         stop.restore()
         progress.bar.close()
     if stop.signum is not None:
-        # every rank stops at its own step boundary (under torchrun each gets the signal); rank 0 saves the step
-        if rank == 0 and step > 0 and bad_streak.item() == 0:
-            save()
-            log(f"\n{signal.Signals(stop.signum).name}: saved step {step} to {ckpt_path}; run again with --resume "
-                "to continue")
         stop.deliver()  # Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process, as they would have
     return step
 

@@ -306,6 +306,36 @@ def test_sigterm_saves_the_step_and_ends_the_process(world, tmp_path):
     assert [r["step"] for r in read_log(out)][-2:] == [step, step + 1]
 
 
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(world, tmp_path):
+    """torchrun with two processes, SIGTERM to rank 1 alone (as when one node of a job is preempted): both ranks stop
+    after the same step, rank 0 saves it and says so, and --resume continues from there. (When each rank stopped on
+    its own signal, rank 0 went on into the next step's all-reduce, which failed when rank 1 had gone: nothing saved.)"""
+    out = tmp_path / "out"
+    argv = base_argv(world, out, "--method", "controlnet", "--max-steps", "1000")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29518", "train.py", *argv], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (os.path.exists(out / "log.jsonl") and len(read_log(out)) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")
+                   for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+        rank1 = [pid for pid in workers if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")]
+        assert len(rank1) == 1, workers
+        os.kill(rank1[0], signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    step = train.load_checkpoint(str(out / "checkpoint.pt"), "cpu")["step"]
+    assert step == read_log(out)[-1]["step"] >= 2, stderr[-3000:]
+    assert f"SIGTERM: saved step {step} to" in stdout, stderr[-3000:]
+    run_main(base_argv(world, out, "--method", "controlnet", "--max-steps", str(step + 1), "--resume"))
+    assert [r["step"] for r in read_log(out)][-2:] == [step, step + 1]
+
+
 def test_bad_data_is_skipped_and_counted(world, tmp_path):
     import shutil
     ds = tmp_path / "ds"

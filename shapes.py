@@ -59,9 +59,9 @@ from controlnet import HINT_BLOCK_CHANNELS, ControlNet
 from formats import load_controlnet, load_probe
 from probe import Probe, ProbeConfig, probe_output01
 
-# Sizes and step counts, chosen so that the whole run fits in 30 minutes on 2 CPU cores (stage times in the
-# README). The annotators train beside the VAE; the fine-tuning runs and the evaluations go two at a time, one
-# single-threaded process per core; the other stages use every core.
+# Sizes and step counts, chosen so that the whole run fits in 25 minutes on 2 AVX-512 CPU cores (about an hour on 2
+# AVX2-only ones; stage times in docs/shapes.md). The annotators train beside the VAE; the fine-tuning runs and the
+# evaluations go two at a time, one single-threaded process per core; the other stages use every core.
 PRESET = dict(
     size=64, n_train=1500, n_test=128, seeds=(0, 1), device="cpu",
     world_seed=0,  # another value: another trajectory (other renders, initialisations, batches and noise; world())

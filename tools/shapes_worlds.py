@@ -70,9 +70,9 @@ def summarize(runs):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="finished shapes-world run folders, one per world seed")
-    args = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="finished shapes-world run folders, one per world seed")
+    args = parser.parse_args()
     if len(args.runs) < 2:
         sys.exit("shapes_worlds.py: error: give at least two runs (one per world seed) to compare across worlds")
     runs = load_runs(args.runs)
@@ -87,7 +87,7 @@ def main():
               f" | {r['floor']['reconstruction']:{fmt}} | {r['checks']['gain_over_distance_to_floor']:.2f} |")
     print("\n| pair | " + " | ".join(f"world seed {r['world_seed']}" for r in runs) + " |")
     print("| --- " * (len(runs) + 1) + "|")
-    for i, pair in enumerate(p["pair"] for p in runs[0]["pairs"]):
+    for i, pair in enumerate(row["pair"] for row in runs[0]["pairs"]):
         cells = [r["pairs"][i] for r in runs]
         print(f"| {pair} | " + " | ".join(f"{'**' if c['significant'] else ''}{c['mean']:+{fmt}} [{c['lo']:+{fmt}}, "
                                           f"{c['hi']:+{fmt}}]{'**' if c['significant'] else ''}" for c in cells) + " |")

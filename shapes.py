@@ -18,9 +18,10 @@ trained from scratch in minutes, and the paper's comparison (arXiv 2507.02321, T
 
 Each stage writes into OUT/<stage>/ and marks itself done (done.json, with the settings it was made with); a rerun
 reuses a finished stage only when the current settings would make the same one (else it says which stage is stale
-and redoes it), resumes an interrupted one from its last checkpoint (Ctrl-C saves one); --fresh starts over. A finished
-run leaves its models in OUT/model/ (sd.safetensors, controlnet.safetensors: the InnerControl-fine-tuned ControlNet of
-the first seed, probe.safetensors), a model folder that formats.load_sd and sample.py read like any other.
+and redoes it), resumes an interrupted one from its last checkpoint (Ctrl-C saves one); --fresh starts over. Stage 8
+keeps each row's evaluation in OUT/evaluations/, reused on the same terms. A finished run leaves its models in
+OUT/model/ (sd.safetensors, controlnet.safetensors: the InnerControl-fine-tuned ControlNet of the first seed,
+probe.safetensors), a model folder that formats.load_sd and sample.py read like any other.
 SHAPES_SMOKE=1 runs every stage for a few steps (the CI smoke test); SHAPES_PRESET='{"finetune_steps": 500}'
 overrides entries of the preset below, SHAPES_PRESET=gpu runs the larger world on a GPU.
 """
@@ -867,6 +868,35 @@ def save_figure(path, columns, headers, size=96):
     canvas.save(path)
 
 
+def evaluation_settings(P, control, controlnet_stage):
+    """What one row of the eval stage is made from: the sampling settings, the base model, the evaluator (and, through
+    them, the held-out scenes), and the settings of the stage that made its ControlNet (None for the base model's
+    row). The rows' list ("seeds") is not among them: adding fine-tuning seeds to a finished run leaves the
+    evaluations of the rows it had unchanged."""
+    return {**{k: P[k] for k in STAGES["eval"][0] if k != "seeds"}, "control": control,
+            "<base>": fingerprint(settings(P, control, "base")),
+            "<annotators>": fingerprint(settings(P, control, "annotators")),
+            "controlnet": None if controlnet_stage is None else fingerprint(controlnet_stage)}
+
+
+def reused_evaluation(path, made_with):
+    """The saved (images, per-scene scores, Frechet distance) of one row, or None unless made with these settings."""
+    if not os.path.exists(path):
+        return None
+    saved = torch.load(path, weights_only=True)
+    return (saved["images"], saved["scores"], saved["fd"]) if saved["settings"] == made_with else None
+
+
+def evaluate_and_save(path, made_with, *args):
+    """evaluate_one, its result saved to path with the settings it was made with (in the worker, as each row ends:
+    a Ctrl-C in stage 8 keeps the rows already done)."""
+    images, scores, fd = evaluate_one(*args)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"settings": made_with, "images": images.cpu(), "scores": scores, "fd": fd}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return images, scores, fd
+
+
 def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model, evaluator, test_dir, control):
     d, dev = os.path.join(root, "eval"), torch.device(P["device"])
     t0 = time.perf_counter()
@@ -874,16 +904,30 @@ def stage_eval(root, P, sd, controlnet_path, probe_path, finetuned, reward_model
     images, truths, objects = images.to(dev), truths.to(dev), objects.to(dev)
     cond, label, real_features = eval_inputs(control, reward_model, evaluator, images, truths)
     inputs = (texts, cond.cpu(), label.cpu(), real_features)
-    runs = [("base", None, 0), ("start", controlnet_path, 0)] + \
-        [(method, finetuned[(method, seed)], seed) for method in METHODS for seed in P["seeds"]]
-    if P["workers"] > 1:
-        print(f"  {len(runs)} evaluations in {P['workers']} worker processes", flush=True)
-        out = Workers(P["workers"], [(evaluate_one, (root, P, control, path, *inputs)) for _, path, _ in runs],
-                      [os.path.join(d, "console.txt")] * len(runs),
-                      [f"eval {name}, seed {seed}" for name, _, seed in runs]).wait()
+    # (row, seed, its ControlNet, the settings of the stage that made it); each row's result is kept in
+    # OUT/evaluations/ (outside eval/, which a stale stage 8 deletes) and reused while its settings hold
+    runs = [("base", 0, None, None), ("start", 0, controlnet_path, settings(P, control, "controlnet"))] + \
+        [(m, s, finetuned[(m, s)], settings(P, control, "finetune", method=m, seed=s))
+         for m in METHODS for s in P["seeds"]]
+    res, todo = {}, []
+    for name, seed, path, made_by in runs:
+        row = os.path.join(root, "evaluations", f"{name}-seed{seed}.pt")
+        made_with = evaluation_settings(P, control, made_by)
+        saved = reused_evaluation(row, made_with)
+        if saved is not None:
+            res[name, seed] = saved
+        else:
+            todo.append(((name, seed), (row, made_with, root, P, control, path, *inputs)))
+    if res:
+        print(f"  {len(res)} of {len(runs)} evaluations reused ({os.path.join(root, 'evaluations')})", flush=True)
+    if P["workers"] > 1 and len(todo) > 1:
+        print(f"  {len(todo)} evaluations in {P['workers']} worker processes", flush=True)
+        out = Workers(P["workers"], [(evaluate_and_save, args) for _, args in todo],
+                      [os.path.join(d, "console.txt")] * len(todo),
+                      [f"eval {name}, seed {seed}" for (name, seed), _ in todo]).wait()
     else:
-        out = [evaluate_one(root, P, control, path, *inputs, sd, evaluator) for _, path, _ in tqdm(runs, desc="eval")]
-    res = {(name, seed): r for (name, _, seed), r in zip(runs, out)}
+        out = [evaluate_and_save(*args, sd, evaluator) for _, args in tqdm(todo, desc="eval", disable=not todo)]
+    res.update({key: r for (key, _), r in zip(todo, out)})
     rec, floor = vae_floor(sd, evaluator, images, objects, label, control)
     base, start = res["base", 0][1].mean().item(), res["start", 0][1].mean().item()
     gap = base - floor["reconstruction"]  # 0 only where an untrained (smoke-test) evaluator scores every image alike

@@ -256,8 +256,46 @@ def test_a_stage_made_with_other_settings_is_redone(smoke):
     assert p.stdout.count("stale (made with another finetune_steps)") == len(shapes.METHODS) * len(shapes.SMOKE["seeds"])
     assert "8/8 eval: stale (made with another finetune stage)" in p.stdout
     assert [line for line in table_lines(p.stdout) if line.startswith("| InnerControl (+3 steps)")]
+    rows = 2 + len(shapes.METHODS) * len(shapes.SMOKE["seeds"])
+    assert f"2 of {rows} evaluations reused" in p.stdout  # the base model's and stage 5's rows
     p, _ = run(out)  # and back
     assert p.stdout.count("stale") == len(shapes.METHODS) * len(shapes.SMOKE["seeds"]) + 1
+    assert f"2 of {rows} evaluations reused" in p.stdout  # the fine-tuned rows were made with 3 steps since
+
+
+def test_added_seeds_reuse_the_rows_evaluated_before(smoke):
+    """A third fine-tuning seed: its runs are trained and evaluated, the rows of the first two are reused as they
+    were; results.json has the same per-scene scores for them."""
+    out = smoke[0]
+    before = json.load(open(os.path.join(out, "results.json")))
+    p, _ = run(out, preset={"seeds": [0, 1, 2]})
+    rows = 2 + len(shapes.METHODS) * 2
+    assert f"{rows} of {rows + len(shapes.METHODS)} evaluations reused" in p.stdout
+    assert "8/8 eval: stale (made with another seeds)" in p.stdout
+    after = json.load(open(os.path.join(out, "results.json")))
+    for m in shapes.METHODS:
+        assert after["per_scene"][m][:2] == before["per_scene"][m] and len(after["per_scene"][m]) == 3
+    assert after["table"][:2] == before["table"][:2]
+
+
+def test_an_evaluation_is_reused_only_with_the_settings_it_was_made_with(tmp_path):
+    P = dict(shapes.PRESET, probe_loss="control")
+    made_by = shapes.settings(P, "depth", "finetune", method="innercontrol", seed=0)
+    ref = shapes.evaluation_settings(P, "depth", made_by)
+    assert shapes.evaluation_settings(dict(P, seeds=(0, 1, 2, 3)), "depth", made_by) == ref
+    for entry in [{"eval_steps": 21}, {"guidance": 2.0}, {"eval_seed": 9}, {"base_steps": 1}, {"annotator_steps": 1},
+                  {"n_test": 64}, {"world_seed": 1}]:
+        other = dict(P, **entry)
+        assert shapes.evaluation_settings(other, "depth", shapes.settings(other, "depth", "finetune",
+                                                                          method="innercontrol", seed=0)) != ref, entry
+    assert shapes.evaluation_settings(P, "hed", made_by) != ref
+    assert shapes.evaluation_settings(P, "depth", dict(made_by, seed=1)) != ref
+    assert shapes.evaluation_settings(P, "depth", None) != ref  # the base model's row
+    path = str(tmp_path / "row.pt")
+    torch.save({"settings": ref, "images": torch.zeros(1, 3, 4, 4), "scores": torch.ones(1), "fd": 2.0}, path)
+    assert shapes.reused_evaluation(path, ref)[2] == 2.0
+    assert shapes.reused_evaluation(path, dict(ref, eval_steps=21)) is None
+    assert shapes.reused_evaluation(str(tmp_path / "none.pt"), ref) is None
 
 
 def test_fresh_then_ctrl_c_then_rerun_resumes(smoke):
